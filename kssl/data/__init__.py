@@ -1,0 +1,1 @@
+"""Datasets: readers for on-disk layouts, labelled subsets, validation and tf.data pipelines."""

@@ -1,0 +1,16 @@
+"""Shared test setup: quiet TensorFlow, two logical CPU devices for distribution tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+# Split the CPU into two logical devices before anything initialises the runtime, so the
+# distribution tests can run MirroredStrategy with two replicas in the same process.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:  # runtime already initialised by an earlier import
+    pass
