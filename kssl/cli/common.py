@@ -1,0 +1,53 @@
+"""What every command-line tool shares: quiet TensorFlow logs and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def fail(message: str) -> None:
+    """Prints a one-line error and exits with status 2 (nothing half-written)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def guarded(main):
+    """Wraps an absl main so that expected user errors print one line, not a traceback."""
+    from kssl.config import ConfigError
+    from kssl.data.readers.base import DataError
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (ConfigError, DataError, FileNotFoundError) as error:
+            fail(" ".join(str(error).split()) if isinstance(error, ConfigError) else str(error))
+    return wrapped
+
+
+def load_run(workdir: str):
+    """Re-reads a training run's operative config; returns (reader, eval_split)."""
+    from kssl import config, training
+
+    path = os.path.join(workdir, "config.gin")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} a kssl training directory?")
+    config.parse([path])
+    reader, _, eval_split = training.dataset_setup()
+    return reader, eval_split
+
+
+def load_inference_network(workdir: str, num_classes: int):
+    """Builds the configured segmenter and loads the run's trained weights."""
+    from kssl import training
+
+    weights = os.path.join(workdir, "model.weights.h5")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(
+            f"{weights} not found: the run in {workdir} has not finished (run bin/train "
+            "again with the same --workdir to resume it)")
+    network = training.build_model(num_classes, weights=None)
+    network.load_weights(weights)
+    return network

@@ -1,0 +1,30 @@
+"""`bin/export --workdir DIR --output PATH`: the inference network as a SavedModel."""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from kssl.cli import common
+
+flags.DEFINE_string("workdir", None, "A finished training run directory.", required=True)
+flags.DEFINE_string("output", None, "Where to write the SavedModel.", required=True)
+FLAGS = flags.FLAGS
+
+
+@common.guarded
+def main(argv):
+    del argv
+    from kssl import export
+
+    reader, _ = common.load_run(FLAGS.workdir)
+    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
+    export.export_saved_model(network, FLAGS.output, reader.info.num_classes)
+    print(f"kssl: wrote SavedModel to {FLAGS.output}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

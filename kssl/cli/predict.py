@@ -1,0 +1,35 @@
+"""`bin/predict --workdir DIR --input FOLDER --output FOLDER`: colour mask PNGs."""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from kssl.cli import common
+
+flags.DEFINE_string("workdir", None, "A finished training run directory.", required=True)
+flags.DEFINE_string("input", None, "Folder of images (jpg, png, bmp).", required=True)
+flags.DEFINE_string("output", None, "Folder for the colour masks.", required=True)
+flags.DEFINE_bool("write_ids", False, "Also write class-id PNGs (<name>_ids.png).")
+FLAGS = flags.FLAGS
+
+
+@common.guarded
+def main(argv):
+    del argv
+    from kssl import predict, training
+
+    reader, _ = common.load_run(FLAGS.workdir)
+    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
+    settings = training.evaluation_settings()
+    count = predict.predict_folder(network, FLAGS.input, FLAGS.output, reader.info.palette,
+                                   input_size=settings["input_size"], mode=settings["mode"],
+                                   write_ids=FLAGS.write_ids)
+    print(f"kssl: wrote {count} mask(s) to {FLAGS.output}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

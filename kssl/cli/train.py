@@ -1,0 +1,38 @@
+"""`bin/train --config F.gin [--gin_param 'x.y = z']... [--workdir DIR]`."""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from kssl.cli import common
+
+flags.DEFINE_multi_string("config", [], "Gin config file(s), parsed in order.")
+flags.DEFINE_multi_string("gin_param", [], "Gin binding(s), e.g. 'train.steps = 100'.")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+flags.DEFINE_bool("overwrite", False, "Discard an earlier run in --workdir and start afresh.")
+FLAGS = flags.FLAGS
+
+
+@common.guarded
+def main(argv):
+    del argv
+    from kssl import config, training
+
+    if not FLAGS.config:
+        common.fail("--config is required, e.g. bin/train --config configs/quickstart.gin")
+    config.parse(FLAGS.config, FLAGS.gin_param)
+    workdir = FLAGS.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(FLAGS.config[-1]))[0])
+    print(f"kssl: training into {workdir}", flush=True)
+    config.call_configured(training.train, workdir, overwrite=FLAGS.overwrite)
+    print(f"kssl: done; metrics in {os.path.join(workdir, 'metrics.json')}", flush=True)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,68 @@
+"""Segmentation losses that stay correct when gradients are summed over replicas.
+
+Under `tf.distribute`, each replica computes its loss on its share of the global batch
+and the optimizer sums the replicas' gradients. A per-pixel mean is therefore taken as
+(sum over this replica's pixels) / (number of counted pixels in the *global* batch): the
+denominator is all-reduced, so the summed gradient equals the single-device gradient even
+when replicas hold different numbers of ignored pixels. Outside a strategy the all-reduce
+is the identity and these are plain means.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from kssl.data.examples import IGNORE_LABEL
+
+
+def replica_sum(value: tf.Tensor) -> tf.Tensor:
+    """Sums `value` over the replicas in sync (identity outside a strategy)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def global_mean(total: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """This replica's share of the global mean: local total / global count."""
+    count = replica_sum(tf.cast(count, tf.float32))
+    return tf.cast(total, tf.float32) / tf.maximum(count, 1.0)
+
+
+def pixel_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
+                        ignore_label: int = IGNORE_LABEL) -> tuple:
+    """Per-pixel cross-entropy and the validity mask.
+
+    Args:
+      logits: [B, H, W, C] (cast to float32).
+      labels: [B, H, W] integer class ids, `ignore_label` where not counted.
+    Returns:
+      (loss [B, H, W] with 0 at ignored pixels, valid [B, H, W] float32 of 0/1).
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.not_equal(labels, ignore_label)
+    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    valid = tf.cast(valid, tf.float32)
+    return loss * valid, valid
+
+
+def masked_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
+                         ignore_label: int = IGNORE_LABEL,
+                         pixel_weights: tf.Tensor | None = None) -> tf.Tensor:
+    """Mean cross-entropy over the non-ignored pixels of the global batch.
+
+    Args:
+      logits: [B, H, W, C].
+      labels: [B, H, W] class ids with `ignore_label` for pixels that do not count.
+      pixel_weights: optional [B, H, W] weights multiplying each pixel's loss (the mean
+        still divides by the number of non-ignored pixels, as confidence-weighted
+        pseudo-label losses do).
+    Returns:
+      A scalar: this replica's share of the global mean (see the module docstring).
+    """
+    loss, valid = pixel_cross_entropy(logits, labels, ignore_label)
+    if pixel_weights is not None:
+        loss = loss * tf.cast(pixel_weights, tf.float32)
+    return global_mean(tf.reduce_sum(loss), tf.reduce_sum(valid))

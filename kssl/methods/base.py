@@ -1,0 +1,132 @@
+"""The base every training method stands on.
+
+`SegmentationMethod` is a `keras.Model` whose subclasses override `train_step` (Keras's
+"customizing what happens in fit" pattern). It owns what every method needs and would get
+wrong alone:
+
+- building every sub-network before `fit` (otherwise Keras would try to build the model by
+  calling it on the whole `(labelled, unlabelled)` batch);
+- taking gradients of a loss scaled for mixed precision (`optimizer.scale_loss`), which the
+  optimizer unscales in `apply`;
+- loss trackers exposed through `metrics`, reported as global (all-replica) values;
+- a `test_step` that scores the inference network with a streaming confusion matrix;
+- naming the inference network, the one that `bin/export` and `bin/predict` use, as
+  opposed to the training wrapper with its teachers and auxiliary branches.
+
+Losses must come from `kssl.losses`, whose means divide by global counts, so gradients
+summed over replicas equal the single-device gradient.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from kssl import losses
+from kssl.data.examples import IGNORE_LABEL
+from kssl.evaluation import ConfusionMatrix
+
+
+def unpack_batch(data):
+    """Splits one training element into (labelled, unlabelled).
+
+    Accepted forms: a labelled dict {"image", "mask", ...}; an `(images, masks)` pair; or a
+    pair `(labelled, unlabelled)` where labelled is either of the above and unlabelled is a
+    dict {"image", ...} or an image tensor. Returns dicts; unlabelled is None when absent.
+    """
+    if isinstance(data, dict):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        first, second = data
+        if tf.is_tensor(first) and tf.is_tensor(second):
+            return {"image": first, "mask": second}, None
+        labelled, _ = unpack_batch(first)
+        unlabelled = second if isinstance(second, dict) else {"image": second}
+        return labelled, unlabelled
+    raise ValueError(
+        "a training element must be a labelled dict, an (images, masks) pair, or a "
+        f"(labelled, unlabelled) pair; got {type(data).__name__}")
+
+
+class SegmentationMethod(keras.Model):
+    """Base class of the training methods (supervised and semi-supervised).
+
+    Args:
+      segmenter: the segmentation network being trained (a `kssl.models.Segmenter` or any
+        Keras model from float images [B, H, W, 3] to logits [B, H, W, C]).
+      num_classes: number of classes.
+      ignore_label: label value no loss or metric counts.
+    Subclasses create their other sub-networks (teachers, branches) before calling
+    `self.build_networks()`, list every loss they report in `tracked_losses`, and implement
+    `train_step`.
+    """
+
+    tracked_losses = ("loss",)
+    uses_unlabelled = True  # whether train_step reads an unlabelled batch
+
+    def __init__(self, segmenter: keras.Model, num_classes: int,
+                 ignore_label: int = IGNORE_LABEL, **kwargs):
+        super().__init__(**kwargs)
+        self.segmenter = segmenter
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.tracked_losses}
+        self.confusion = ConfusionMatrix(num_classes, ignore_label=ignore_label,
+                                         name="mean_iou")
+
+    # -- building ---------------------------------------------------------------------
+    def networks(self) -> list:
+        """Every sub-network that holds variables; subclasses extend the list."""
+        return [self.segmenter]
+
+    def build_networks(self, image_size=(32, 32)):
+        """Creates every sub-network's variables by calling it once on a dummy batch."""
+        dummy = tf.zeros((1, image_size[0], image_size[1], 3), tf.float32)
+        for network in self.networks():
+            network(dummy, training=False)
+        self.built = True
+
+    def build(self, input_shape=None):
+        self.build_networks()
+
+    @property
+    def inference_network(self) -> keras.Model:
+        """The network that predicts after training (exported, evaluated)."""
+        return self.segmenter
+
+    def call(self, images, training=False):
+        return self.inference_network(images, training=training)
+
+    # -- steps ------------------------------------------------------------------------
+    def supervised_loss(self, logits, masks):
+        """Masked cross-entropy over labelled pixels, replica-correct."""
+        return losses.masked_cross_entropy(logits, masks, self.ignore_label)
+
+    def apply_gradients(self, tape: tf.GradientTape, loss, variables):
+        """One optimizer step on `variables`, with mixed-precision loss scaling.
+
+        `tape` must have recorded the computation of `loss`; it is used once.
+        """
+        scaled = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+
+    def report(self, **values) -> dict:
+        """Updates the loss trackers with global values and returns the logs of a step.
+
+        Each value is this replica's share of a global mean (see `kssl.losses`); summing
+        over replicas gives the global value every replica then records.
+        """
+        for name, value in values.items():
+            self.trackers[name].update_state(losses.replica_sum(value))
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def test_step(self, data):
+        labelled, _ = unpack_batch(data)
+        logits = self.inference_network(labelled["image"], training=False)
+        self.confusion.update_state(labelled["mask"], logits)
+        return {"mean_iou": self.confusion.result()}
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values()) + [self.confusion]

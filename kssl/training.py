@@ -1,0 +1,323 @@
+"""The training driver: gin-configured pieces, the strategy, callbacks and the fit loop.
+
+`train(workdir)` is what `bin/train` runs. Everything it builds is configured in gin by the
+names below (see `configs/*.gin` and the README's configuration reference):
+
+  dataset.*     which reader (`@camvid()`, `@voc()`, ...), the train and eval splits
+  labels.*      the labelled subset: count, fraction, or split file; the unlabelled pool
+  pipeline.*    batch sizes, crop, scale range, flip, resize, cache
+  model.*       architecture, backbone, pretrained weights, output stride, norm layer
+  optimizer.*   SGD/Adam, learning rate, poly schedule, weight decay
+  evaluation.*  whole-image or sliding-window scoring, reduced input size, flip
+  train.*       the method, steps, steps per epoch, strategy, precision, seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kssl import config as kssl_config
+from kssl import evaluation, models
+from kssl.data import pipeline, splits, validate
+from kssl.data.readers import base as reader_base
+from kssl.data.readers.camvid import CamVid
+from kssl.data.readers.cityscapes import Cityscapes
+from kssl.data.readers.folder import Folder
+from kssl.data.readers.shapes import Shapes
+from kssl.data.readers.tfds_reader import Tfds
+from kssl.data.readers.voc import VOC
+from kssl.methods import Supervised
+
+# Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
+for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
+                    (Shapes, "shapes"), (Tfds, "tfds"), (VOC, "voc")]:
+    gin.external_configurable(_cls, name=_name, module="kssl.data")
+gin.external_configurable(Supervised, module="kssl.methods")
+
+
+# -- configured pieces -------------------------------------------------------------------
+@dataclasses.dataclass
+class DataSetup:
+    """Everything `train` needs from the data side."""
+
+    reader: reader_base.Reader
+    train_split: str
+    eval_split: str
+    labelled: object
+    unlabelled: object
+
+
+@gin.configurable("dataset")
+def dataset_setup(reader=gin.REQUIRED, train_split="train", eval_split="val"):
+    """The reader and the split names for training and evaluation."""
+    return reader, train_split, eval_split
+
+
+@gin.configurable("labels")
+def labelled_subset(examples, reader, count=None, fraction=None, split_file=None,
+                    unlabelled_file=None, seed=0):
+    """The labelled subset and the unlabelled pool of the training split."""
+    return splits.labelled_split(examples, count=count, fraction=fraction, seed=seed,
+                                 split_file=split_file, unlabelled_file=unlabelled_file,
+                                 reader=reader)
+
+
+@gin.configurable("pipeline")
+def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 321),
+                      scale_range=(0.5, 2.0), flip=True, resize=None, cache=False, seed=0,
+                      validate_data=True):
+    """The tf.data settings; `batch_size` is the global labelled batch."""
+    return dict(batch_size=batch_size, unlabelled_batch_size=unlabelled_batch_size,
+                crop_size=tuple(crop_size), scale_range=tuple(scale_range), flip=flip,
+                resize=None if resize is None else tuple(resize), cache=cache, seed=seed,
+                validate_data=validate_data)
+
+
+@gin.configurable("model")
+def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=None,
+                norm="auto", **kwargs):
+    """The segmentation network. `norm="auto"` synchronises batch norm across replicas
+    when there are several, so multi-replica training matches single-device training."""
+    if norm == "auto":
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        norm = "sync_batch" if replicas > 1 else "batch"
+    return models.build_segmenter(arch=arch, backbone=backbone, num_classes=num_classes,
+                                  weights=weights, norm=norm, **kwargs)
+
+
+@gin.configurable("optimizer")
+def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
+                    weight_decay=1e-4, schedule="poly", power=0.9, end_learning_rate=0.0):
+    """SGD (momentum, Nesterov off) or Adam/AdamW with a poly or constant schedule.
+
+    Weight decay is decoupled (applied by the optimizer) and skips biases and norm layers.
+    """
+    if schedule == "poly":
+        lr = keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, total_steps, end_learning_rate=end_learning_rate, power=power)
+    elif schedule == "constant":
+        lr = learning_rate
+    else:
+        raise ValueError(f"optimizer.schedule must be 'poly' or 'constant', got {schedule!r}")
+    if name == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=momentum, weight_decay=weight_decay or None)
+    elif name == "adam":
+        opt = keras.optimizers.Adam(lr)
+    elif name == "adamw":
+        opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer.name must be 'sgd', 'adam' or 'adamw', got {name!r}")
+    if weight_decay:
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return opt
+
+
+@gin.configurable("evaluation")
+def evaluation_settings(mode="whole", input_size=None, window=None, stride=None, flip=False):
+    """How the final model is scored: see `kssl.evaluation.predict_logits`."""
+    return dict(mode=mode, input_size=None if input_size is None else tuple(input_size),
+                window=None if window is None else tuple(window),
+                stride=None if stride is None else tuple(stride), flip=flip)
+
+
+def choose_strategy(name: str) -> tf.distribute.Strategy:
+    """'auto' (mirrored over every GPU when there are several), 'mirrored', 'one_device'."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    raise ValueError(f"train.strategy must be 'auto', 'mirrored' or 'one_device', got {name!r}")
+
+
+# -- callbacks ---------------------------------------------------------------------------
+class ThroughputMeter(keras.callbacks.Callback):
+    """Measures training images per second, leaving out the first (tracing) step."""
+
+    def __init__(self, images_per_step: int):
+        super().__init__()
+        self.images_per_step = images_per_step
+        self.start = None
+        self.steps = 0
+        self.seconds = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = now
+        else:
+            self.steps += 1
+            self.seconds = now - self.start
+
+    @property
+    def images_per_second(self) -> Optional[float]:
+        return self.steps * self.images_per_step / self.seconds if self.seconds else None
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Scores the inference network on the eval split every `every` epochs and adds
+    `val_mean_iou` to the epoch logs (so TensorBoard and the progress line show it)."""
+
+    def __init__(self, every: int, score):
+        super().__init__()
+        self.every = every
+        self.score = score
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every and (epoch + 1) % self.every == 0 and logs is not None:
+            logs["val_mean_iou"] = self.score(progress=False)["mean_iou"]
+
+
+# -- the driver --------------------------------------------------------------------------
+def prepare_data(reader, train_split, method_cls, settings):
+    """Lists, splits and validates the training data; fails before any training."""
+    examples = reader.examples(train_split)
+    labelled, unlabelled = labelled_subset(examples, reader)
+    uses_unlabelled = getattr(method_cls, "uses_unlabelled", True)
+    num_classes = reader.info.num_classes
+    if len(labelled) == 0:
+        raise reader_base.DataError(f"the labelled set of split {train_split!r} is empty")
+    if uses_unlabelled and (unlabelled is None or len(unlabelled) == 0):
+        raise reader_base.DataError(
+            f"the unlabelled pool of split {train_split!r} is empty: choose a labelled "
+            "subset (labels.count/fraction/split_file) or an unlabelled list")
+    if settings["validate_data"]:
+        validate.validate(reader, labelled, with_masks=True, num_classes=num_classes,
+                          what="labelled")
+        if uses_unlabelled:
+            validate.validate(reader, unlabelled, with_masks=False, num_classes=num_classes,
+                              what="unlabelled")
+    return labelled, (unlabelled if uses_unlabelled else None)
+
+
+def scorer(network, reader, eval_split, settings):
+    """A function that evaluates `network` on the eval split with the configured mode."""
+    examples = reader.examples(eval_split)
+
+    def score(progress=True):
+        ds = pipeline.eval_dataset(reader, examples)
+        return evaluation.evaluate(network, ds, reader.info.num_classes,
+                                   class_names=list(reader.info.class_names),
+                                   progress=progress, **settings)
+    return score
+
+
+@gin.configurable("train")
+def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy="auto",
+          mixed_precision=None, seed=0, eval_every_epochs=0, overwrite=False,
+          verbose=None):
+    """Trains a method as configured and writes the run's artefacts into `workdir`.
+
+    Writes `config.gin` (operative config), `backup/` (resume state, restored
+    automatically after a crash), `logs/` (TensorBoard), `model.weights.h5` (the
+    inference network) and `metrics.json`. Returns the metrics dict.
+
+    Args:
+      method: the method class (`@Supervised`, ...).
+      steps: total optimizer steps; training runs ceil(steps / steps_per_epoch) epochs.
+      steps_per_epoch: steps between resume checkpoints and progress summaries.
+      strategy: 'auto', 'mirrored' or 'one_device'.
+      mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
+      seed: seeds Python, numpy and TensorFlow (weights init, shuffling, augmentation).
+      eval_every_epochs: score the eval split every N epochs during training (0: only
+        at the end).
+      overwrite: start afresh even if `workdir` holds a finished or interrupted run.
+      verbose: Keras progress mode (1 bar, 2 a line per epoch); default 1 on a terminal.
+    """
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if overwrite and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+    if os.path.exists(metrics_path):
+        logging.info("%s already holds a finished run; pass --overwrite to train again",
+                     workdir)
+        with open(metrics_path) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy(mixed_precision)
+
+    reader, train_split, eval_split = dataset_setup()
+    settings = pipeline_settings()
+    labelled, unlabelled = prepare_data(reader, train_split, method, settings)
+    num_classes = reader.info.num_classes
+    print(f"kssl: {reader.info.name} {train_split}: {len(labelled)} labelled, "
+          f"{0 if unlabelled is None else len(unlabelled)} unlabelled images; "
+          f"{num_classes} classes; method {method.__name__}", flush=True)
+
+    stream_args = {k: settings[k] for k in
+                   ("crop_size", "scale_range", "flip", "resize", "cache")}
+    train_ds = pipeline.train_dataset(
+        reader, labelled, unlabelled, batch_size=settings["batch_size"],
+        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=settings["seed"],
+        **stream_args)
+
+    dist = choose_strategy(strategy)
+    with dist.scope():
+        segmenter = build_model(num_classes)
+        model = method(segmenter, num_classes=num_classes)
+        model.compile(optimizer=build_optimizer(steps))
+    kssl_config.save_operative_config(os.path.join(workdir, "config.gin"))
+
+    images_per_step = settings["batch_size"] + (
+        0 if unlabelled is None else settings["unlabelled_batch_size"] or settings["batch_size"])
+    meter = ThroughputMeter(images_per_step)
+    score = scorer(model.inference_network, reader, eval_split, evaluation_settings())
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"),
+                                         delete_checkpoint=False),
+        meter,
+        PeriodicEvaluation(eval_every_epochs, score),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
+    ]
+    epochs = math.ceil(steps / steps_per_epoch)
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+              callbacks=callbacks, verbose=verbose)
+
+    model.inference_network.save_weights(os.path.join(workdir, "model.weights.h5"))
+    print(f"kssl: evaluating on {eval_split}", flush=True)
+    result = score(progress=verbose == 1)
+    print(evaluation.format_iou_table(result, list(reader.info.class_names)), flush=True)
+    result.update(
+        train_images_per_second=meter.images_per_second,
+        train_seconds=meter.seconds,
+        steps=int(model.optimizer.iterations.numpy()),
+        method=method.__name__,
+        labelled_images=len(labelled),
+        unlabelled_images=0 if unlabelled is None else len(unlabelled),
+        eval_split=eval_split,
+        seed=seed,
+    )
+    with open(metrics_path, "w") as f:
+        json.dump(_jsonable(result), f, indent=2)
+    return result
+
+
+def _jsonable(value):
+    """Converts numpy scalars and NaN (-> null) so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
