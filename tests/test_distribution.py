@@ -33,7 +33,8 @@ def global_batch():
     images = rng.uniform(0, 255, (4, 6, 6, 3)).astype(np.float32)
     masks = rng.integers(0, NUM_CLASSES, (4, 6, 6)).astype(np.int32)
     masks[2:, :4] = IGNORE_LABEL  # the second replica's half counts far fewer pixels
-    return {"image": images, "mask": masks}
+    ids = np.array([b"a", b"b", b"c", b"d"])  # string ids travel with every batch
+    return {"id": ids, "image": images, "mask": masks}
 
 
 def train_one_step(strategy, weights):

@@ -89,6 +89,15 @@ class SegmentationMethod(keras.Model):
     def build(self, input_shape=None):
         self.build_networks()
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Every sub-network is built in __init__. Keras's generic build under a strategy
+        # would average one input batch over replicas (which fails on the string example
+        # ids) and consume that batch; only the optimizer is left to build.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        self._post_build()
+
     @property
     def inference_network(self) -> keras.Model:
         """The network that predicts after training (exported, evaluated)."""
