@@ -1,0 +1,122 @@
+"""`bin/benchmark --config F.gin [--table NAME --record BENCHMARKS.md]`.
+
+Trains a config from scratch into a fresh directory, then prints one markdown row with val
+mean IoU, per-class IoU, train images/s and wall time, the machine, the date and the exact
+command. With `--record`, the row is appended to the named table of that file, so numbers
+in BENCHMARKS.md are always pasted by the tool that measured them, never by hand.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+from absl import app, flags
+
+from kssl.cli import common
+
+flags.DEFINE_multi_string("config", [], "Gin config file(s).")
+flags.DEFINE_multi_string("gin_param", [], "Gin binding(s).")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/benchmark-<config>).")
+flags.DEFINE_string("table", None, "Name of the table in the --record file to append to.")
+flags.DEFINE_string("record", None, "Markdown file holding the table (e.g. BENCHMARKS.md).")
+flags.DEFINE_string("label", None, "Row label (default: the method's name).")
+FLAGS = flags.FLAGS
+
+
+def machine_description() -> str:
+    """CPU model and core count (or the GPU name when one is visible)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"{len(gpus)}x {details.get('device_name', 'GPU')}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {model}"
+
+
+def format_row(label, metrics, class_names, wall_seconds, command) -> str:
+    """One markdown table row (see the header that `table_header` writes)."""
+    per_class = metrics.get("per_class_iou") or {}
+    classes = " ".join(
+        f"{name[:4]} {100 * per_class[name]:.1f}" if per_class.get(name) is not None
+        else f"{name[:4]} -" for name in class_names)
+    speed = metrics.get("train_images_per_second")
+    return (f"| {label} | {metrics['labelled_images']}/{metrics['unlabelled_images']} "
+            f"| {metrics['steps']} | {100 * metrics['mean_iou']:.1f} "
+            f"| {speed:.1f} | {wall_seconds / 60:.1f} | {classes} "
+            f"| {machine_description()} | {datetime.date.today().isoformat()} "
+            f"| `{command}` |")
+
+
+def table_header() -> str:
+    return ("| method | labelled/unlabelled | steps | val mIoU (%) | train img/s "
+            "| wall (min) | per-class IoU (%) | machine | date | command |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def append_row(path: str, table: str, row: str) -> None:
+    """Appends `row` to the table that follows `<!-- table: NAME -->` in `path`,
+    creating the marker and header at the end of the file when absent."""
+    marker = f"<!-- table: {table} -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    if marker not in text:
+        text = text.rstrip("\n") + f"\n\n{marker}\n{table_header()}\n{row}\n"
+    else:
+        head, tail = text.split(marker, 1)
+        lines = tail.split("\n")
+        # The table is the run of lines starting with '|' right after the marker.
+        end = 1
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        if end == 1:
+            lines[1:1] = table_header().split("\n")
+            end = 3
+        lines.insert(end, row)
+        text = head + marker + "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@common.guarded
+def main(argv):
+    del argv
+    from kssl import config, training
+
+    if not FLAGS.config:
+        common.fail("--config is required")
+    config.parse(FLAGS.config, FLAGS.gin_param)
+    name = os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", f"benchmark-{name}")
+    command = "bin/benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    start = time.perf_counter()
+    metrics = config.call_configured(training.train, workdir, overwrite=True)
+    wall = time.perf_counter() - start
+    reader, _, _ = training.dataset_setup()
+    row = format_row(FLAGS.label or metrics["method"], metrics,
+                     list(reader.info.class_names), wall, command)
+    print(row)
+    if FLAGS.record:
+        append_row(FLAGS.record, FLAGS.table or name, row)
+        print(f"kssl: appended to table {FLAGS.table or name!r} in {FLAGS.record}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
