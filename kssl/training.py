@@ -289,7 +289,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-              callbacks=callbacks, verbose=verbose)
+              callbacks=callbacks, verbose=verbose, shuffle=False)
 
     model.inference_network.save_weights(os.path.join(workdir, "model.weights.h5"))
     print(f"kssl: evaluating on {eval_split}", flush=True)
