@@ -1,0 +1,142 @@
+"""The command-line tools end to end on a tiny Shapes run, and the training driver's resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_CONFIG = """
+dataset.reader = @shapes()
+shapes.num_train = 24
+shapes.num_val = 4
+shapes.height = 48
+shapes.width = 64
+labels.count = 8
+pipeline.batch_size = 4
+pipeline.crop_size = (48, 64)
+pipeline.scale_range = (1.0, 1.0)
+model.arch = 'deeplabv3plus'
+model.backbone = 'small'
+model.aspp_channels = 16
+model.decoder_channels = 16
+optimizer.learning_rate = 0.01
+train.method = @Supervised
+train.steps = 6
+train.steps_per_epoch = 3
+train.verbose = 0
+"""
+
+
+def run_tool(name, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "tiny.gin"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def test_train_evaluate_export_predict(tmp_path, config_file):
+    workdir = str(tmp_path / "run")
+    result = run_tool("train", "--config", config_file, "--workdir", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean IoU" in result.stdout  # the per-class table is printed
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    assert set(metrics["per_class_iou"]) == {"background", "disc", "ring", "square",
+                                             "triangle", "cross", "stripes"}
+    for key in ("pixel_accuracy", "train_images_per_second", "train_seconds"):
+        assert metrics[key] is not None and metrics[key] >= 0
+    assert metrics["steps"] == 6
+    operative = open(os.path.join(workdir, "config.gin")).read()
+    assert "shapes.num_train = 24" in operative and "train.steps = 6" in operative
+    assert os.listdir(os.path.join(workdir, "logs"))  # TensorBoard events
+
+    result = run_tool("evaluate", "--workdir", workdir, "--split", "val")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.load(open(os.path.join(workdir, "eval_val.json")))
+    assert scored["mean_iou"] == pytest.approx(metrics["mean_iou"], abs=1e-6)
+
+    export_dir = str(tmp_path / "exported")
+    result = run_tool("export", "--workdir", workdir, "--output", export_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    serving = tf.saved_model.load(export_dir).signatures["serving_default"]
+    images = tf.cast(tf.random.uniform([2, 37, 50, 3], 0, 255, tf.int32), tf.uint8)
+    outputs = serving(images)
+    assert outputs["class_ids"].shape == (2, 37, 50)
+    assert outputs["probabilities"].shape == (2, 37, 50, 7)
+
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    for k in range(2):
+        png = tf.io.encode_png(tf.cast(tf.random.uniform([30, 40, 3], 0, 255, tf.int32),
+                                       tf.uint8))
+        tf.io.write_file(str(inputs / f"im{k}.png"), png)
+    out_dir = tmp_path / "masks"
+    result = run_tool("predict", "--workdir", workdir, "--input", str(inputs),
+                      "--output", str(out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out_dir)) == ["im0.png", "im1.png"]
+
+
+def test_mistyped_binding_fails_with_one_line(config_file, tmp_path):
+    result = run_tool("train", "--config", config_file, "--gin_param", "train.stepz = 3",
+                      "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "stepz" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_dataset_fails_with_one_line(config_file, tmp_path):
+    result = run_tool("train", "--config", config_file, "--gin_param",
+                      "dataset.reader = @no_such_dataset()", "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "no_such_dataset" in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+class Crash(Exception):
+    pass
+
+
+def test_training_resumes_after_a_crash(tmp_path, config_file, monkeypatch):
+    """A run killed after its first epoch restarts from that epoch's checkpoint."""
+    workdir = str(tmp_path / "run")
+    gin.clear_config()
+    config.parse([config_file], ["train.steps = 9"])
+    epochs_started = []
+    original_begin = training.ThroughputMeter.on_epoch_begin
+
+    def crash_in_second_epoch(self, epoch, logs=None):
+        epochs_started.append(epoch)
+        if epoch == 1:
+            raise Crash()
+        return original_begin(self, epoch, logs)
+
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
+    with pytest.raises(Crash):
+        training.train(workdir)
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+
+    epochs_started.clear()
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
+                        lambda self, epoch, logs=None: epochs_started.append(epoch))
+    metrics = training.train(workdir)
+    assert epochs_started == [1, 2]  # epoch 0 was not trained again
+    assert metrics["steps"] == 9  # the optimizer's step counter was restored too
+    gin.clear_config()
