@@ -66,6 +66,16 @@ def dataset_setup(reader=gin.REQUIRED, train_split="train", eval_split="val"):
     return reader, train_split, eval_split
 
 
+@gin.configurable("unlabelled")
+def unlabelled_source(reader=None, split="all"):
+    """An optional separate unlabelled pool, e.g. `unlabelled.reader = @folder()` with
+    `folder.images_dir = 'extra_images'`: then the whole training split is labelled
+    unless `labels.*` chooses a subset, and these images are the unlabelled pool."""
+    if reader is None:
+        return None, None
+    return reader, reader.examples(split)
+
+
 @gin.configurable("labels")
 def labelled_subset(examples, reader, count=None, fraction=None, split_file=None,
                     unlabelled_file=None, seed=0):
@@ -185,11 +195,17 @@ class PeriodicEvaluation(keras.callbacks.Callback):
 
 # -- the driver --------------------------------------------------------------------------
 def prepare_data(reader, train_split, method_cls, settings):
-    """Lists, splits and validates the training data; fails before any training."""
+    """Lists, splits and validates the training data; fails before any training.
+
+    Returns (labelled, unlabelled or None, the reader of a separate unlabelled pool or None).
+    """
     examples = reader.examples(train_split)
     labelled, unlabelled = labelled_subset(examples, reader)
     uses_unlabelled = getattr(method_cls, "uses_unlabelled", True)
     num_classes = reader.info.num_classes
+    extra_reader, extra = unlabelled_source()
+    if extra is not None:
+        unlabelled = extra
     if len(labelled) == 0:
         raise reader_base.DataError(f"the labelled set of split {train_split!r} is empty")
     if uses_unlabelled and (unlabelled is None or len(unlabelled) == 0):
@@ -200,9 +216,9 @@ def prepare_data(reader, train_split, method_cls, settings):
         validate.validate(reader, labelled, with_masks=True, num_classes=num_classes,
                           what="labelled")
         if uses_unlabelled:
-            validate.validate(reader, unlabelled, with_masks=False, num_classes=num_classes,
-                              what="unlabelled")
-    return labelled, (unlabelled if uses_unlabelled else None)
+            validate.validate(extra_reader or reader, unlabelled, with_masks=False,
+                              num_classes=num_classes, what="unlabelled")
+    return labelled, (unlabelled if uses_unlabelled else None), extra_reader
 
 
 def scorer(network, reader, eval_split, settings):
@@ -254,7 +270,8 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     reader, train_split, eval_split = dataset_setup()
     settings = pipeline_settings()
-    labelled, unlabelled = prepare_data(reader, train_split, method, settings)
+    labelled, unlabelled, unlabelled_reader = prepare_data(reader, train_split, method,
+                                                           settings)
     num_classes = reader.info.num_classes
     print(f"kssl: {reader.info.name} {train_split}: {len(labelled)} labelled, "
           f"{0 if unlabelled is None else len(unlabelled)} unlabelled images; "
@@ -265,7 +282,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     train_ds = pipeline.train_dataset(
         reader, labelled, unlabelled, batch_size=settings["batch_size"],
         unlabelled_batch_size=settings["unlabelled_batch_size"], seed=settings["seed"],
-        **stream_args)
+        unlabelled_reader=unlabelled_reader, **stream_args)
 
     dist = choose_strategy(strategy)
     with dist.scope():

@@ -76,17 +76,20 @@ def augmented_stream(reader: Reader, examples: Examples, *, with_masks: bool, ba
 
 def train_dataset(reader: Reader, labelled: Examples, unlabelled: Optional[Examples], *,
                   batch_size: int, unlabelled_batch_size: Optional[int] = None,
-                  seed: int = 0, **stream_args) -> tf.data.Dataset:
+                  seed: int = 0, unlabelled_reader: Optional[Reader] = None,
+                  **stream_args) -> tf.data.Dataset:
     """The training stream: labelled batches, zipped with unlabelled ones when given.
 
-    `stream_args` go to `augmented_stream` (crop_size, scale_range, flip, resize, cache).
+    `unlabelled_reader` decodes the unlabelled pool when it comes from elsewhere (e.g. a
+    folder of extra images); by default `reader` decodes both. `stream_args` go to
+    `augmented_stream` (crop_size, scale_range, flip, resize, cache).
     """
     labelled_ds = augmented_stream(reader, labelled, with_masks=True, batch_size=batch_size,
                                    seed=seed, **stream_args)
     if unlabelled is None:
         return labelled_ds.prefetch(AUTOTUNE)
     unlabelled_ds = augmented_stream(
-        reader, unlabelled.without_masks(), with_masks=False,
+        unlabelled_reader or reader, unlabelled.without_masks(), with_masks=False,
         batch_size=unlabelled_batch_size or batch_size, seed=seed + 1, **stream_args)
     return tf.data.Dataset.zip(labelled_ds, unlabelled_ds).prefetch(AUTOTUNE)
 
