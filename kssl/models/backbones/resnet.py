@@ -1,0 +1,295 @@
+"""Dilated ResNet-50/101 (v1 bottleneck) with keras.applications layer names.
+
+Layout as keras.applications.ResNet50/101: the stride of a stage sits on the first 1x1 conv
+of its first block (and on the 1x1 shortcut conv), convs have biases, BN epsilon 1.001e-5.
+Every layer carries the keras.applications name ("conv1_conv", "conv4_block23_3_bn", ...),
+so ImageNet weights transfer layer by layer by name; dilation does not change any shape.
+
+For output_stride 8 or 16 the strides of the last stages are removed and their 3x3 convs
+dilated instead (OS 16: stage4 rate 2; OS 8: stage3 rate 2, stage4 rate 4). Every block of
+a dilated stage uses the stage's rate, as in the DeepLab-v2 ResNet.
+
+Blocks (name: stride at output_stride 32 / 16 / 8, channels):
+  stem   (conv1 + pool1):  4 / 4 / 4,   64
+  stage1 (conv2_x):        4 / 4 / 4,   256
+  stage2 (conv3_x):        8 / 8 / 8,   512
+  stage3 (conv4_x):       16 / 16 / 8,  1024
+  stage4 (conv5_x):       32 / 16 / 8,  2048
+A block's feature map is ceil(H / stride) x ceil(W / stride).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable
+
+import keras
+import tensorflow as tf
+
+from kssl.models.layers import CaffePreprocess, channels_shape, check_norm, make_norm
+from kssl.models.segmenter import Backbone, Block
+
+BN_EPSILON = 1.001e-5
+STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+STAGE_FILTERS = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+@keras.saving.register_keras_serializable(package="kssl")
+class ResNetStem(keras.layers.Layer):
+    """conv1 (7x7/2, 64) + BN + ReLU + 3x3/2 max pool, padded as keras.applications."""
+
+    def __init__(self, norm: str = "batch", bn_momentum: float = 0.99, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = norm
+        self.bn_momentum = bn_momentum
+        self.pad1 = keras.layers.ZeroPadding2D(3, name="conv1_pad")
+        self.conv = keras.layers.Conv2D(64, 7, strides=2, name="conv1_conv")
+        self.bn = make_norm(norm, "conv1_bn", epsilon=BN_EPSILON, momentum=bn_momentum)
+        self.pad2 = keras.layers.ZeroPadding2D(1, name="pool1_pad")
+        self.pool = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")
+
+    def build(self, input_shape):
+        self.conv.build(channels_shape(input_shape[-1]))
+        self.bn.build(channels_shape(64))
+
+    def call(self, x, training=None):
+        x = self.bn(self.conv(self.pad1(x)), training=training)
+        # Zero padding before the max pool is harmless: inputs are >= 0 after the ReLU.
+        return self.pool(self.pad2(tf.nn.relu(x)))
+
+    def get_config(self):
+        return {**super().get_config(), "norm": self.norm, "bn_momentum": self.bn_momentum}
+
+
+@keras.saving.register_keras_serializable(package="kssl")
+class Bottleneck(keras.layers.Layer):
+    """ResNet v1 bottleneck 1x1 (stride) -> 3x3 (dilation) -> 1x1 (4x), with shortcut.
+
+    The layer's own name is the keras.applications block prefix, e.g. "conv4_block3".
+    """
+
+    def __init__(self, filters: int, strides: int = 1, dilation_rate: int = 1,
+                 conv_shortcut: bool = False, norm: str = "batch", bn_momentum: float = 0.99,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.strides = strides
+        self.dilation_rate = dilation_rate
+        self.conv_shortcut = conv_shortcut
+        self.norm = norm
+        self.bn_momentum = bn_momentum
+        p = self.name
+
+        def bn(suffix):
+            return make_norm(norm, f"{p}_{suffix}_bn", epsilon=BN_EPSILON, momentum=bn_momentum)
+
+        if conv_shortcut:
+            self.conv0 = keras.layers.Conv2D(4 * filters, 1, strides=strides, name=f"{p}_0_conv")
+            self.bn0 = bn(0)
+        self.conv1 = keras.layers.Conv2D(filters, 1, strides=strides, name=f"{p}_1_conv")
+        self.bn1 = bn(1)
+        self.conv2 = keras.layers.Conv2D(filters, 3, padding="same",
+                                         dilation_rate=dilation_rate, name=f"{p}_2_conv")
+        self.bn2 = bn(2)
+        self.conv3 = keras.layers.Conv2D(4 * filters, 1, name=f"{p}_3_conv")
+        self.bn3 = bn(3)
+
+    def build(self, input_shape):
+        inputs, inner, outputs = (channels_shape(c) for c in
+                                  (input_shape[-1], self.filters, 4 * self.filters))
+        if self.conv_shortcut:
+            self.conv0.build(inputs)
+            self.bn0.build(outputs)
+        self.conv1.build(inputs)
+        self.bn1.build(inner)
+        self.conv2.build(inner)
+        self.bn2.build(inner)
+        self.conv3.build(inner)
+        self.bn3.build(outputs)
+
+    def call(self, x, training=None):
+        if self.conv_shortcut:
+            shortcut = self.bn0(self.conv0(x), training=training)
+        else:
+            shortcut = x
+        y = tf.nn.relu(self.bn1(self.conv1(x), training=training))
+        y = tf.nn.relu(self.bn2(self.conv2(y), training=training))
+        y = self.bn3(self.conv3(y), training=training)
+        return tf.nn.relu(shortcut + y)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides,
+                "dilation_rate": self.dilation_rate, "conv_shortcut": self.conv_shortcut,
+                "norm": self.norm, "bn_momentum": self.bn_momentum}
+
+
+@keras.saving.register_keras_serializable(package="kssl")
+class ResNetStage(keras.layers.Layer):
+    """One stage (conv{n}_x): `depth` bottlenecks, the first with the stride and shortcut conv."""
+
+    def __init__(self, index: int, depth: int, filters: int, strides: int = 1,
+                 dilation_rate: int = 1, norm: str = "batch", bn_momentum: float = 0.99,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.index = index
+        self.depth = depth
+        self.filters = filters
+        self.strides = strides
+        self.dilation_rate = dilation_rate
+        self.norm = norm
+        self.bn_momentum = bn_momentum
+        self.units = [
+            Bottleneck(filters, strides=strides if i == 0 else 1, dilation_rate=dilation_rate,
+                       conv_shortcut=(i == 0), norm=norm, bn_momentum=bn_momentum,
+                       name=f"conv{index}_block{i + 1}")
+            for i in range(depth)]
+
+    def build(self, input_shape):
+        self.units[0].build(input_shape)
+        for unit in self.units[1:]:
+            unit.build(channels_shape(4 * self.filters))
+
+    def call(self, x, training=None):
+        for unit in self.units:
+            x = unit(x, training=training)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index, "depth": self.depth,
+                "filters": self.filters, "strides": self.strides,
+                "dilation_rate": self.dilation_rate, "norm": self.norm,
+                "bn_momentum": self.bn_momentum}
+
+
+def resnet(depth: int, weights: str | None = None, output_stride: int = 16,
+           norm: str = "batch", bn_momentum: float = 0.99) -> Backbone:
+    """A dilated ResNet-`depth` backbone (50 or 101), built, with weights loaded.
+
+    weights: None (random init), "imagenet" (keras.applications download), or a path to a
+      keras.applications ResNet `.h5` / `.weights.h5` file (with or without the top).
+    output_stride: 8, 16 or 32.
+    norm: "batch", "sync_batch" or "frozen" (see `kssl.models.layers.make_norm`).
+    """
+    if depth not in STAGE_DEPTHS:
+        raise ValueError(f"unknown ResNet depth {depth}; known: {sorted(STAGE_DEPTHS)}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"ResNet output_stride must be one of {OUTPUT_STRIDES}, "
+                         f"got {output_stride!r}")
+    check_norm(norm)
+    name = f"resnet{depth}"
+    # Load the weights first, so a bad file fails before anything else is built.
+    source = None if weights is None else keras_applications_model(depth, weights)
+    blocks = [Block("stem", ResNetStem(norm, bn_momentum, name="stem"), 4, 64)]
+    stride, rate = 4, 1
+    for i, (n, filters, s) in enumerate(zip(STAGE_DEPTHS[depth], STAGE_FILTERS, STAGE_STRIDES)):
+        if stride * s > output_stride:
+            # Trade this stage's stride for dilation so the feature map keeps its size
+            # while the receptive field grows as if the stride were there.
+            rate, s = rate * s, 1
+        stride *= s
+        stage = ResNetStage(i + 2, n, filters, strides=s, dilation_rate=rate, norm=norm,
+                            bn_momentum=bn_momentum, name=f"stage{i + 1}")
+        blocks.append(Block(f"stage{i + 1}", stage, stride, 4 * filters))
+    backbone = Backbone(name, CaffePreprocess(name="preprocess"), tuple(blocks),
+                        low_level_block="stage1", output_stride=output_stride)
+    backbone.build()
+    if source is not None:
+        transfer_weights(source, [b.layer for b in backbone.blocks], target_name=name)
+    return backbone
+
+
+def resnet50(**kwargs) -> Backbone:
+    """Dilated ResNet-50; see `resnet` for the arguments."""
+    return resnet(50, **kwargs)
+
+
+def resnet101(**kwargs) -> Backbone:
+    """Dilated ResNet-101; see `resnet` for the arguments."""
+    return resnet(101, **kwargs)
+
+
+def keras_applications_model(depth: int, weights: str) -> keras.Model:
+    """keras.applications.ResNet{depth} (no top) holding `weights` ("imagenet" or a file).
+
+    A file may hold the model with or without the classification top; the top is dropped.
+    """
+    constructor = {50: keras.applications.ResNet50, 101: keras.applications.ResNet101}[depth]
+    if weights == "imagenet":
+        return constructor(weights="imagenet", include_top=False, input_shape=(None, None, 3))
+    path = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else None
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"weights must be None, 'imagenet' or an existing file; "
+                         f"no file at {weights!r}")
+    errors = []
+    for include_top in (False, True):
+        shape = (None, None, 3) if not include_top else (224, 224, 3)
+        model = constructor(weights=None, include_top=include_top, input_shape=shape)
+        try:
+            model.load_weights(path)
+        except Exception as e:  # noqa: BLE001 - re-raised below with both attempts' reasons
+            errors.append(f"include_top={include_top}: {_short_load_error(e)}")
+            continue
+        if include_top:
+            # Keep only the convolutional part: same layer objects, so weights come along.
+            model = keras.Model(model.input, model.get_layer("conv5_block3_out").output)
+        return model
+    raise ValueError(f"{path} does not load into keras.applications.ResNet{depth}: "
+                     + " | ".join(errors))
+
+
+def _short_load_error(error: Exception) -> str:
+    """Keras's load error reduced to the layer name and shapes (it also dumps the values)."""
+    text = str(error)
+    layer = re.search(r"<\w+ name=([\w.-]+)", text)
+    shapes = re.search(r"variable\.shape=\([^)]*\), Received: value\.shape=\([^)]*\)", text)
+    if layer is None:
+        return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    return f"layer {layer.group(1)!r}" + (f": {shapes.group(0)}" if shapes else "")
+
+
+def _weighted_leaf_layers(layers: Iterable[keras.layers.Layer]) -> dict:
+    """name -> layer for every layer under `layers` that owns weights directly."""
+    found = {}
+    for root in layers:
+        for layer in root._flatten_layers(include_self=True, recursive=True):
+            own = layer._trainable_variables + layer._non_trainable_variables
+            if not own:
+                continue
+            if layer.name in found and found[layer.name] is not layer:
+                raise ValueError(f"two layers are named {layer.name!r}: cannot match by name")
+            found[layer.name] = layer
+    return found
+
+
+def transfer_weights(source: keras.Model, target_layers: Iterable[keras.layers.Layer],
+                     target_name: str = "target") -> None:
+    """Copies every weighted layer of `source` into the same-named layer under `target_layers`.
+
+    Fails, naming the layer, if a source layer has no same-named target, if shapes differ,
+    or if a target layer receives nothing (so no layer silently keeps its random init).
+    """
+    targets = _weighted_leaf_layers(target_layers)
+    sources = _weighted_leaf_layers([source])
+    for name, src in sources.items():
+        dst = targets.get(name)
+        if dst is None:
+            raise ValueError(f"layer {name!r} of {source.name} has no counterpart in "
+                             f"{target_name}")
+        if len(src.weights) != len(dst.weights):
+            raise ValueError(f"layer {name!r}: {source.name} has {len(src.weights)} weights, "
+                             f"{target_name} has {len(dst.weights)}")
+        for s, d in zip(src.weights, dst.weights):
+            if tuple(s.shape) != tuple(d.shape):
+                raise ValueError(f"layer {name!r}: weight {s.name!r} has shape "
+                                 f"{tuple(s.shape)} in {source.name} but {tuple(d.shape)} "
+                                 f"in {target_name}")
+    missing = sorted(set(targets) - set(sources))
+    if missing:
+        raise ValueError(f"layers of {target_name} missing from {source.name}: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for name, src in sources.items():
+        for s, d in zip(src.weights, targets[name].weights):
+            d.assign(s)

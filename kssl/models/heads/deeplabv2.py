@@ -1,0 +1,49 @@
+"""DeepLabV2 ASPP classifier: the sum of parallel dilated 3x3 convs, each to num_classes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="kssl")
+class DeepLabV2Head(keras.layers.Layer):
+    """logits = sum_r conv3x3_rate_r(features[in_block]), at the stride of `in_block`.
+
+    Each branch is a biased 3x3 conv with dilation r straight to num_classes channels,
+    weights drawn from normal(0, 0.01) and zero biases, as in DeepLab-v2. `rates` defaults
+    to (6, 12, 18, 24); (6, 12) reproduces reference code whose ASPP loop returns after the
+    second branch. Branch i is the sublayer named "aspp_{i}".
+    """
+
+    def __init__(self, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24),
+                 in_block: str = "stage4", **kwargs):
+        super().__init__(**kwargs)
+        if not rates:
+            raise ValueError("DeepLabV2Head needs at least one rate")
+        self.num_classes = num_classes
+        self.rates = tuple(int(r) for r in rates)
+        self.in_block = in_block
+        # A fresh initializer per branch: an unseeded initializer instance reused across
+        # layers would give every branch the same draw.
+        self.branches = [
+            keras.layers.Conv2D(num_classes, 3, padding="same", dilation_rate=r, use_bias=True,
+                                kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
+                                bias_initializer="zeros", name=f"aspp_{i}")
+            for i, r in enumerate(self.rates)]
+
+    def build(self, features_shape):
+        for branch in self.branches:
+            branch.build(features_shape[self.in_block])
+
+    def call(self, features, training=None):
+        x = features[self.in_block]
+        logits = self.branches[0](x)
+        for branch in self.branches[1:]:
+            logits = logits + branch(x)
+        return logits
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "rates": list(self.rates), "in_block": self.in_block}
