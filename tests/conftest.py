@@ -14,3 +14,20 @@ try:
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 except RuntimeError:  # runtime already initialised by an earlier import
     pass
+
+
+import pytest  # noqa: E402
+
+_TWO_REPLICAS = []
+
+
+@pytest.fixture
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs, shared by every test.
+
+    Separate MirroredStrategy objects in one process reuse collective instance keys, and
+    their all-reduces can then be matched with each other's; one shared strategy avoids it.
+    """
+    if not _TWO_REPLICAS:
+        _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _TWO_REPLICAS[0]

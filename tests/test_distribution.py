@@ -48,10 +48,10 @@ def train_one_step(strategy, weights):
     return [w.numpy() for w in model.segmenter.weights], model
 
 
-def test_one_step_same_weights_on_one_and_two_replicas():
+def test_one_step_same_weights_on_one_and_two_replicas(two_replicas):
     start = tiny_segmenter(0).get_weights()
     single, _ = train_one_step(tf.distribute.get_strategy(), start)
-    double, model = train_one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), start)
+    double, model = train_one_step(two_replicas, start)
     assert model.distribute_strategy.num_replicas_in_sync == 2
     for a, b in zip(single, double):  # weights, BN moving statistics included
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -79,9 +79,9 @@ def test_single_device_step_matches_a_hand_written_gradient_step():
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_reported_loss_is_the_global_loss_on_two_replicas():
+def test_reported_loss_is_the_global_loss_on_two_replicas(two_replicas):
     start = tiny_segmenter(0).get_weights()
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
     batch = global_batch()
     with strategy.scope():
         model = Supervised(tiny_segmenter(0), NUM_CLASSES)

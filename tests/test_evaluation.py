@@ -110,7 +110,7 @@ def test_streaming_updates_equal_one_big_update():
     assert float(streamed.result()) == pytest.approx(float(at_once.result()))
 
 
-def test_metric_in_compiled_model_and_under_mirrored_strategy():
+def test_metric_in_compiled_model_and_under_mirrored_strategy(two_replicas):
     rng = np.random.default_rng(2)
     images = random_images((8, 12, 16, 3), seed=3)
     masks = rng.integers(0, 3, (8, 12, 16)).astype(np.uint8)
@@ -130,7 +130,7 @@ def test_metric_in_compiled_model_and_under_mirrored_strategy():
     assert single.evaluate(dataset, verbose=0, return_dict=True)["mean_iou"] == \
         pytest.approx(expected, abs=1e-6)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         distributed = build()

@@ -45,10 +45,10 @@ def test_all_ignored_gives_zero_not_nan():
     assert losses.masked_cross_entropy(tf.zeros([1, 2, 2, 3]), labels).numpy() == 0.0
 
 
-def test_replica_shares_sum_to_the_global_mean():
+def test_replica_shares_sum_to_the_global_mean(two_replicas):
     """Two replicas with different numbers of ignored pixels: the shares add up to the
     single-device mean (a per-replica mean averaged over replicas would not)."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
     labels = rng.integers(0, 4, (2, 3, 3))

@@ -179,9 +179,9 @@ def test_batch_norm_does_update_in_training_mode():
     np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(axis=(0, 1, 2)), rtol=1e-5)
 
 
-def test_sync_batch_norm_matches_single_device_statistics():
+def test_sync_batch_norm_matches_single_device_statistics(two_replicas):
     # conftest.py splits the CPU into two logical devices: one half-batch per replica.
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
     rng = np.random.RandomState(0)
     x = rng.normal(size=(4, 3, 3, 2)).astype("float32")
     x[2:] += 3.0  # replicas see different halves: per-replica statistics would differ
