@@ -116,7 +116,8 @@ class SegmentationMethod(keras.Model):
 
         `tape` must have recorded the computation of `loss`; it is used once.
         """
-        scaled = self.optimizer.scale_loss(loss)
+        with tape:  # the scaling must be on the tape too, or no gradient reaches it
+            scaled = self.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
 

@@ -1,0 +1,118 @@
+"""The training driver's data preparation, optimizer choices and mixed precision."""
+
+import os
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, models, training
+from kssl.data.readers.base import DataError
+from kssl.methods import Supervised
+
+
+class UsesUnlabelled:
+    """Stands in for a semi-supervised method class: only the flag matters here."""
+    uses_unlabelled = True
+
+
+def write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, tf.io.encode_png(array))
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+SHAPES = """
+dataset.reader = @shapes()
+shapes.num_train = 12
+shapes.num_val = 2
+shapes.height = 32
+shapes.width = 32
+"""
+
+
+def settings():
+    return training.pipeline_settings()
+
+
+def test_separate_unlabelled_folder_becomes_the_pool(tmp_path):
+    for k in range(3):
+        write_png(str(tmp_path / "extra" / f"u{k}.png"), np.zeros((32, 32, 3), np.uint8))
+    config.parse([], [SHAPES, "labels.count = 4",
+                      "unlabelled.reader = @folder()",
+                      f"folder.images_dir = '{tmp_path / 'extra'}'"])
+    reader, split, _ = training.dataset_setup()
+    labelled, unlabelled, extra_reader = training.prepare_data(reader, split,
+                                                               UsesUnlabelled, settings())
+    assert len(labelled) == 4
+    assert sorted(unlabelled.ids) == ["u0", "u1", "u2"]
+    assert extra_reader is not None and extra_reader is not reader
+
+
+def test_supervised_method_gets_no_unlabelled_stream():
+    config.parse([], [SHAPES, "labels.count = 4"])
+    reader, split, _ = training.dataset_setup()
+    labelled, unlabelled, _ = training.prepare_data(reader, split, Supervised, settings())
+    assert len(labelled) == 4 and unlabelled is None
+
+
+def test_empty_unlabelled_pool_fails_before_training():
+    config.parse([], [SHAPES])  # no labels.* binding: every image is labelled
+    reader, split, _ = training.dataset_setup()
+    with pytest.raises(DataError, match="unlabelled pool .* is empty"):
+        training.prepare_data(reader, split, UsesUnlabelled, settings())
+
+
+def test_bad_unlabelled_file_is_named_before_training(tmp_path):
+    write_png(str(tmp_path / "extra" / "broken.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "extra" / "broken.png").write_bytes(b"not an image")
+    config.parse([], [SHAPES, "labels.count = 4", "unlabelled.reader = @folder()",
+                      f"folder.images_dir = '{tmp_path / 'extra'}'"])
+    reader, split, _ = training.dataset_setup()
+    with pytest.raises(DataError, match="broken.png"):
+        training.prepare_data(reader, split, UsesUnlabelled, settings())
+
+
+def test_poly_schedule_and_weight_decay_exclusions():
+    config.parse([], ["optimizer.learning_rate = 0.1", "optimizer.power = 1.0"])
+    opt = training.build_optimizer(100)
+    np.testing.assert_allclose(float(opt.learning_rate), 0.1)
+    lr = opt._learning_rate  # the schedule: linear with power 1
+    np.testing.assert_allclose(float(lr(50)), 0.05, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(100)), 0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="optimizer.name"):
+        config.parse([], ["optimizer.name = 'rmsprop'"])
+        training.build_optimizer(10)
+
+
+def test_mixed_float16_step_scales_the_loss_and_stays_finite():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        net = models.build_segmenter("deeplabv3plus", "small", num_classes=3,
+                                     aspp_channels=8, low_level_channels=4,
+                                     decoder_channels=8)
+        model = Supervised(net, num_classes=3)
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        before = [w.numpy().copy() for w in net.trainable_weights]
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+                 "mask": rng.integers(0, 3, (2, 32, 32)).astype(np.int32)}
+        history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1,
+                            steps_per_epoch=2, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        after = [w.numpy() for w in net.trainable_weights]
+        assert all(np.isfinite(w).all() for w in after)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+        assert net(batch["image"]).dtype == tf.float32  # logits stay float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
