@@ -289,12 +289,15 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         segmenter = build_model(num_classes)
         model = method(segmenter, num_classes=num_classes)
         model.compile(optimizer=build_optimizer(steps))
+    eval_settings = evaluation_settings()
+    # Saved once every configurable has been called, so the file rebuilds the whole run
+    # (bin/evaluate, bin/export and bin/predict read it).
     kssl_config.save_operative_config(os.path.join(workdir, "config.gin"))
 
     images_per_step = settings["batch_size"] + (
         0 if unlabelled is None else settings["unlabelled_batch_size"] or settings["batch_size"])
     meter = ThroughputMeter(images_per_step)
-    score = scorer(model.inference_network, reader, eval_split, evaluation_settings())
+    score = scorer(model.inference_network, reader, eval_split, eval_settings)
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"),
                                          delete_checkpoint=False),

@@ -33,6 +33,7 @@ train.method = @Supervised
 train.steps = 6
 train.steps_per_epoch = 3
 train.verbose = 0
+evaluation.input_size = (40, 56)
 """
 
 
@@ -63,12 +64,14 @@ def test_train_evaluate_export_predict(tmp_path, config_file):
     assert metrics["steps"] == 6
     operative = open(os.path.join(workdir, "config.gin")).read()
     assert "shapes.num_train = 24" in operative and "train.steps = 6" in operative
+    assert "evaluation.input_size = (40, 56)" in operative
     assert os.listdir(os.path.join(workdir, "logs"))  # TensorBoard events
 
     result = run_tool("evaluate", "--workdir", workdir, "--split", "val")
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.load(open(os.path.join(workdir, "eval_val.json")))
     assert scored["mean_iou"] == pytest.approx(metrics["mean_iou"], abs=1e-6)
+    assert scored["mode"] == metrics["mode"] and "40x56" in scored["mode"]
 
     export_dir = str(tmp_path / "exported")
     result = run_tool("export", "--workdir", workdir, "--output", export_dir)
