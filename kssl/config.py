@@ -31,13 +31,25 @@ def parse(config_files=(), bindings=()) -> None:
         raise ConfigError(_one_line(error)) from None
 
 
+_GIN_SUFFIX = "\n  In call to configurable"
+_GIN_MESSAGES = ("No configurable matching", "doesn't have a parameter", "Required bindings",
+                 "is not a configurable", "Could not find configurable")
+
+
 def call_configured(fn, *args, **kwargs):
-    """Calls a configurable, turning a late gin error (e.g. `@unknown()`) into one line."""
+    """Calls a configurable; a gin error inside it (e.g. `@unknown()` used at call time)
+    becomes a one-line ConfigError, a DataError loses gin's "In call to configurable"
+    suffix, and every other error passes through untouched with its traceback."""
+    from kssl.data.readers.base import DataError
+
     try:
         return fn(*args, **kwargs)
+    except DataError as error:
+        raise DataError(str(error).split(_GIN_SUFFIX)[0]) from None
     except (ValueError, KeyError, TypeError) as error:
-        if "gin" in type(error).__module__ or "configurable" in str(error).lower():
-            raise ConfigError(_one_line(error)) from None
+        message = str(error).split(_GIN_SUFFIX)[0]
+        if any(pattern in message for pattern in _GIN_MESSAGES):
+            raise ConfigError(_one_line(message)) from None
         raise
 
 

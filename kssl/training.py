@@ -14,7 +14,6 @@ names below (see `configs/*.gin` and the README's configuration reference):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -49,17 +48,6 @@ gin.external_configurable(Supervised, module="kssl.methods")
 
 
 # -- configured pieces -------------------------------------------------------------------
-@dataclasses.dataclass
-class DataSetup:
-    """Everything `train` needs from the data side."""
-
-    reader: reader_base.Reader
-    train_split: str
-    eval_split: str
-    labelled: object
-    unlabelled: object
-
-
 @gin.configurable("dataset")
 def dataset_setup(reader=gin.REQUIRED, train_split="train", eval_split="val"):
     """The reader and the split names for training and evaluation."""
@@ -98,14 +86,28 @@ def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 
 
 @gin.configurable("model")
 def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=None,
-                norm="auto", **kwargs):
-    """The segmentation network. `norm="auto"` synchronises batch norm across replicas
-    when there are several, so multi-replica training matches single-device training."""
+                norm="auto", output_stride=None, aspp_rates=None, aspp_channels=None,
+                low_level_channels=None, decoder_channels=None, dropout=None,
+                separable=None):
+    """The segmentation network (see `kssl.models.build_segmenter` for each argument).
+
+    `norm="auto"` is batch norm on one replica and synchronised batch norm on several, so
+    multi-replica training matches single-device training; on several replicas the head's
+    norm layers are synchronised too, whatever the backbone's norm.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if norm == "auto":
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         norm = "sync_batch" if replicas > 1 else "batch"
-    return models.build_segmenter(arch=arch, backbone=backbone, num_classes=num_classes,
-                                  weights=weights, norm=norm, **kwargs)
+    elif norm == "batch" and replicas > 1:
+        logging.warning("model.norm = 'batch' on %d replicas: batch statistics and moving "
+                        "averages will differ per replica; 'sync_batch' keeps them equal",
+                        replicas)
+    head_norm = "sync_batch" if replicas > 1 else None
+    return models.build_segmenter(
+        arch=arch, backbone=backbone, num_classes=num_classes, weights=weights, norm=norm,
+        head_norm=head_norm, output_stride=output_stride, aspp_rates=aspp_rates,
+        aspp_channels=aspp_channels, low_level_channels=low_level_channels,
+        decoder_channels=decoder_channels, dropout=dropout, separable=separable)
 
 
 @gin.configurable("optimizer")
@@ -221,9 +223,8 @@ def prepare_data(reader, train_split, method_cls, settings):
     return labelled, (unlabelled if uses_unlabelled else None), extra_reader
 
 
-def scorer(network, reader, eval_split, settings):
-    """A function that evaluates `network` on the eval split with the configured mode."""
-    examples = reader.examples(eval_split)
+def scorer(network, reader, examples, settings):
+    """A function that evaluates `network` on `examples` with the configured mode."""
 
     def score(progress=True):
         ds = pipeline.eval_dataset(reader, examples)
@@ -231,6 +232,32 @@ def scorer(network, reader, eval_split, settings):
                                    class_names=list(reader.info.class_names),
                                    progress=progress, **settings)
     return score
+
+
+BACKUP_DIR = "backup"
+RUN_FILES = ("config.gin", "metrics.json", "model.weights.h5", BACKUP_DIR, "logs")
+
+
+def completed_epochs(workdir: str) -> int:
+    """Epochs an interrupted run in `workdir` finished (0 for a new run)."""
+    path = os.path.join(workdir, BACKUP_DIR, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("epoch", 0))
+
+
+def remove_run(workdir: str) -> None:
+    """Deletes the artefacts of an earlier run, refusing a folder that is not a run."""
+    if not os.path.isdir(workdir):
+        return
+    entries = set(os.listdir(workdir))
+    foreign = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("eval_"))
+    if foreign:
+        raise kssl_config.ConfigError(
+            f"--overwrite refuses to clear {workdir}: it holds files that are not a kssl "
+            f"run's ({', '.join(foreign[:5])})")
+    shutil.rmtree(workdir)
 
 
 @gin.configurable("train")
@@ -245,7 +272,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     Args:
       method: the method class (`@Supervised`, ...).
-      steps: total optimizer steps; training runs ceil(steps / steps_per_epoch) epochs.
+      steps: total optimizer steps, a multiple of `steps_per_epoch`.
       steps_per_epoch: steps between resume checkpoints and progress summaries.
       strategy: 'auto', 'mirrored' or 'one_device'.
       mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
@@ -256,8 +283,12 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
       verbose: Keras progress mode (1 bar, 2 a line per epoch); default 1 on a terminal.
     """
     metrics_path = os.path.join(workdir, "metrics.json")
-    if overwrite and os.path.isdir(workdir):
-        shutil.rmtree(workdir)
+    if steps % steps_per_epoch:
+        raise kssl_config.ConfigError(
+            f"train.steps ({steps}) must be a multiple of train.steps_per_epoch "
+            f"({steps_per_epoch})")
+    if overwrite:
+        remove_run(workdir)
     if os.path.exists(metrics_path):
         logging.info("%s already holds a finished run; pass --overwrite to train again",
                      workdir)
@@ -277,14 +308,27 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
           f"{0 if unlabelled is None else len(unlabelled)} unlabelled images; "
           f"{num_classes} classes; method {method.__name__}", flush=True)
 
+    eval_examples = reader.examples(eval_split)
+    if settings["validate_data"]:
+        validate.validate(reader, eval_examples, with_masks=True, num_classes=num_classes,
+                          what="evaluation")
+    dist = choose_strategy(strategy)
+    for key in ("batch_size", "unlabelled_batch_size"):
+        if settings[key] and settings[key] % dist.num_replicas_in_sync:
+            raise kssl_config.ConfigError(
+                f"pipeline.{key} ({settings[key]}) must be a multiple of the number of "
+                f"replicas ({dist.num_replicas_in_sync})")
+    # A resumed run draws a fresh shuffle and fresh augmentations rather than replaying the
+    # batches its first part already trained on.
+    data_seed = settings["seed"] + 7919 * completed_epochs(workdir)
+
     stream_args = {k: settings[k] for k in
                    ("crop_size", "scale_range", "flip", "resize", "cache")}
     train_ds = pipeline.train_dataset(
         reader, labelled, unlabelled, batch_size=settings["batch_size"],
-        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=settings["seed"],
+        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=data_seed,
         unlabelled_reader=unlabelled_reader, **stream_args)
 
-    dist = choose_strategy(strategy)
     with dist.scope():
         segmenter = build_model(num_classes)
         model = method(segmenter, num_classes=num_classes)
@@ -297,15 +341,15 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     images_per_step = settings["batch_size"] + (
         0 if unlabelled is None else settings["unlabelled_batch_size"] or settings["batch_size"])
     meter = ThroughputMeter(images_per_step)
-    score = scorer(model.inference_network, reader, eval_split, eval_settings)
+    score = scorer(model.inference_network, reader, eval_examples, eval_settings)
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup"),
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, BACKUP_DIR),
                                          delete_checkpoint=False),
         meter,
         PeriodicEvaluation(eval_every_epochs, score),
         keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
     ]
-    epochs = math.ceil(steps / steps_per_epoch)
+    epochs = steps // steps_per_epoch
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,

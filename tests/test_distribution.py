@@ -93,3 +93,19 @@ def test_reported_loss_is_the_global_loss_on_two_replicas(two_replicas):
     net.set_weights(start)
     want = losses.masked_cross_entropy(net(batch["image"], training=True), batch["mask"])
     np.testing.assert_allclose(history.history["loss"][0], want.numpy(), rtol=1e-5)
+
+
+def test_evaluate_on_two_replicas_scores_the_whole_batch(two_replicas):
+    """model.evaluate's mean IoU comes from the confusion matrix summed over replicas,
+    equal to a numpy computation over the whole global batch."""
+    from kssl.evaluation import confusion_from_labels, mean_iou_from_confusion
+
+    batch = global_batch()
+    with two_replicas.scope():
+        model = Supervised(tiny_segmenter(3), NUM_CLASSES)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    logs = model.evaluate(tf.data.Dataset.from_tensors(batch), verbose=0, return_dict=True)
+    predictions = np.argmax(model.segmenter(batch["image"]).numpy(), -1)
+    want = mean_iou_from_confusion(confusion_from_labels(batch["mask"], predictions,
+                                                         NUM_CLASSES))
+    np.testing.assert_allclose(logs["mean_iou"], want, rtol=1e-6)

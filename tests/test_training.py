@@ -46,9 +46,10 @@ def settings():
 def test_separate_unlabelled_folder_becomes_the_pool(tmp_path):
     for k in range(3):
         write_png(str(tmp_path / "extra" / f"u{k}.png"), np.zeros((32, 32, 3), np.uint8))
+    # A gin scope keeps this folder's bindings apart from a labelled @folder() reader's.
     config.parse([], [SHAPES, "labels.count = 4",
-                      "unlabelled.reader = @folder()",
-                      f"folder.images_dir = '{tmp_path / 'extra'}'"])
+                      "unlabelled.reader = @extra/folder()",
+                      f"extra/folder.images_dir = '{tmp_path / 'extra'}'"])
     reader, split, _ = training.dataset_setup()
     labelled, unlabelled, extra_reader = training.prepare_data(reader, split,
                                                                UsesUnlabelled, settings())
@@ -116,3 +117,37 @@ def test_mixed_float16_step_scales_the_loss_and_stays_finite():
         assert net(batch["image"]).dtype == tf.float32  # logits stay float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_call_configured_keeps_data_errors_and_real_bugs_intact():
+    @gin.configurable("failing")
+    def failing(kind="data"):
+        if kind == "data":
+            raise DataError("images/a.png: unreadable\n  second line")
+        raise TypeError("a bug inside training")
+
+    gin.parse_config("failing.kind = 'data'")
+    with pytest.raises(DataError) as caught:
+        config.call_configured(failing)
+    assert str(caught.value) == "images/a.png: unreadable\n  second line"
+    gin.parse_config("failing.kind = 'bug'")
+    with pytest.raises(TypeError, match="a bug inside training"):
+        config.call_configured(failing)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(config.ConfigError, match="precious.txt"):
+        training.remove_run(str(tmp_path))
+    assert (tmp_path / "precious.txt").exists()
+    run = tmp_path / "run"
+    (run / "backup").mkdir(parents=True)
+    (run / "config.gin").write_text("")
+    training.remove_run(str(run))
+    assert not run.exists()
+
+
+def test_steps_must_fill_whole_epochs(tmp_path):
+    config.parse([], [SHAPES, "train.steps = 10", "train.steps_per_epoch = 4"])
+    with pytest.raises(config.ConfigError, match="multiple of train.steps_per_epoch"):
+        training.train(str(tmp_path / "run"))

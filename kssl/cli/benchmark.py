@@ -57,7 +57,7 @@ def format_row(label, metrics, class_names, wall_seconds, command) -> str:
     speed = metrics.get("train_images_per_second")
     return (f"| {label} | {metrics['labelled_images']}/{metrics['unlabelled_images']} "
             f"| {metrics['steps']} | {100 * metrics['mean_iou']:.1f} "
-            f"| {speed:.1f} | {wall_seconds / 60:.1f} | {classes} "
+            f"| {'-' if speed is None else f'{speed:.1f}'} | {wall_seconds / 60:.1f} | {classes} "
             f"| {machine_description()} | {datetime.date.today().isoformat()} "
             f"| `{command}` |")
 

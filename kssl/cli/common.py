@@ -35,7 +35,7 @@ def load_run(workdir: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a kssl training directory?")
     config.parse([path])
-    reader, _, eval_split = training.dataset_setup()
+    reader, _, eval_split = config.call_configured(training.dataset_setup)
     return reader, eval_split
 
 

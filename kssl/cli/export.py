@@ -14,11 +14,15 @@ FLAGS = flags.FLAGS
 @common.guarded
 def main(argv):
     del argv
-    from kssl import export
+    from kssl import export, training
 
     reader, _ = common.load_run(FLAGS.workdir)
     network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
-    export.export_saved_model(network, FLAGS.output, reader.info.num_classes)
+    # A model trained at reduced resolution is served the way it was scored: resized to
+    # its evaluation input size, probabilities resized back to the image's size.
+    input_size = training.evaluation_settings()["input_size"]
+    export.export_saved_model(network, FLAGS.output, reader.info.num_classes,
+                              input_size=input_size)
     print(f"kssl: wrote SavedModel to {FLAGS.output}")
 
 

@@ -20,11 +20,13 @@ def main(argv):
 
     reader, _ = common.load_run(FLAGS.workdir)
     network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
-    settings = training.evaluation_settings()
-    count = predict.predict_folder(network, FLAGS.input, FLAGS.output, reader.info.palette,
-                                   input_size=settings["input_size"], mode=settings["mode"],
-                                   write_ids=FLAGS.write_ids)
-    print(f"kssl: wrote {count} mask(s) to {FLAGS.output}")
+    try:
+        written = predict.predict_folder(network, FLAGS.input, FLAGS.output,
+                                         reader.info.palette, write_ids=FLAGS.write_ids,
+                                         **training.evaluation_settings())
+    except ValueError as error:  # no images, or two images with one name
+        common.fail(str(error))
+    print(f"kssl: wrote {len(written)} mask(s) to {FLAGS.output}")
 
 
 def run():

@@ -134,8 +134,12 @@ class SegmentationMethod(keras.Model):
     def test_step(self, data):
         labelled, _ = unpack_batch(data)
         logits = self.inference_network(labelled["image"], training=False)
+        self.trackers["loss"].update_state(
+            losses.replica_sum(self.supervised_loss(logits, labelled["mask"])))
         self.confusion.update_state(labelled["mask"], logits)
-        return {"mean_iou": self.confusion.result()}
+        # Every metric is returned (other trackers stay at their reset value) so Keras
+        # reads the replica-aggregated metric results rather than one replica's logs.
+        return {metric.name: metric.result() for metric in self.metrics}
 
     @property
     def metrics(self):
