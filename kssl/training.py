@@ -88,12 +88,15 @@ def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 
 def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=None,
                 norm="auto", output_stride=None, aspp_rates=None, aspp_channels=None,
                 low_level_channels=None, decoder_channels=None, dropout=None,
-                separable=None):
+                separable=None, stride_on=None, stem_pool=None, preprocess=None,
+                align_corners=False):
     """The segmentation network (see `kssl.models.build_segmenter` for each argument).
 
     `norm="auto"` is batch norm on one replica and synchronised batch norm on several, so
     multi-replica training matches single-device training; on several replicas the head's
     norm layers are synchronised too, whatever the backbone's norm.
+    `stride_on`, `stem_pool`, `preprocess` (ResNet layout) follow `weights` when unset;
+    `train` records the values used in the run's config.gin.
     """
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if norm == "auto":
@@ -107,7 +110,35 @@ def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=
         arch=arch, backbone=backbone, num_classes=num_classes, weights=weights, norm=norm,
         head_norm=head_norm, output_stride=output_stride, aspp_rates=aspp_rates,
         aspp_channels=aspp_channels, low_level_channels=low_level_channels,
-        decoder_channels=decoder_channels, dropout=dropout, separable=separable)
+        decoder_channels=decoder_channels, dropout=dropout, separable=separable,
+        stride_on=stride_on, stem_pool=stem_pool, preprocess=preprocess,
+        align_corners=align_corners)
+
+
+def record_model_layout(path, segmenter) -> None:
+    """Appends to the config file at `path` the ResNet layout `segmenter` was built with,
+    where it was taken from the weights rather than configured.
+
+    bin/evaluate, export and predict rebuild the network without its pretrained weights
+    (`build_model(weights=None)`), which alone would give the default layout: a network
+    trained from converted torchvision or DeepLab-v2 weights needs theirs. A later binding
+    overrides an earlier one in gin, so the appended lines win.
+    """
+    from kssl.models.backbones.resnet import DEFAULT_LAYOUT
+
+    lines = []
+    for key, value in sorted(models.backbone_layout(segmenter).items()):
+        try:
+            configured = gin.query_parameter(f"model.{key}")
+        except ValueError:  # not bound
+            configured = None
+        # The default needs no line: a rebuild without weights gets it anyway.
+        if configured is None and value != DEFAULT_LAYOUT[key]:
+            lines.append(f"model.{key} = {value!r}")
+    if lines:
+        with open(path, "a") as f:
+            f.write("\n# The ResNet layout the weights (model.weights) need, as built:\n"
+                    + "\n".join(lines) + "\n")
 
 
 @gin.configurable("optimizer")
@@ -337,6 +368,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     # Saved once every configurable has been called, so the file rebuilds the whole run
     # (bin/evaluate, bin/export and bin/predict read it).
     kssl_config.save_operative_config(os.path.join(workdir, "config.gin"))
+    record_model_layout(os.path.join(workdir, "config.gin"), segmenter)
 
     images_per_step = settings["batch_size"] + (
         0 if unlabelled is None else settings["unlabelled_batch_size"] or settings["batch_size"])

@@ -270,7 +270,7 @@ def test_resize_bilinear_align_corners_keeps_corner_values():
     (dict(arch="pspnet", backbone="small"),
      "unknown arch 'pspnet'; known: deeplabv2, deeplabv3plus"),
     (dict(arch="deeplabv2", backbone="vgg16"),
-     "unknown backbone 'vgg16'; known: resnet101, resnet50, small"),
+     "unknown backbone 'vgg16'; known: efficientnet_lite0, resnet101, resnet50, small"),
     (dict(arch="deeplabv2", backbone="small", decoder_channels=32),
      "arch 'deeplabv2' does not take decoder_channels"),
     (dict(arch="deeplabv2", backbone="small", norm="layer"), "unknown norm 'layer'"),

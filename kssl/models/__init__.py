@@ -12,6 +12,7 @@ from typing import Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from kssl.models.backbones import BACKBONES
 from kssl.models.heads import DeepLabV2Head, DeepLabV3PlusHead
@@ -71,13 +72,38 @@ def _head_builder(arch: str, options: dict):
     return builder
 
 
-def build_backbone(name: str, *, weights: str | None = None, output_stride: int = 16,
-                   norm: str = "batch", bn_momentum: float = 0.99) -> Backbone:
-    """A built backbone by name (see BACKBONES): preprocessing layer + named blocks."""
+def _backbone_builder(name: str, options: dict):
+    """The backbone builder for `name`, after checking it accepts every key of `options`."""
     builder = _lookup(BACKBONES, "backbone", name)
+    accepted = inspect.signature(builder).parameters
+    # A builder forwarding **kwargs (resnet50 -> resnet) checks its own keywords.
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(k for k in options if not takes_any and k not in accepted)
+    if unknown:
+        raise ValueError(f"backbone {name!r} does not take {', '.join(unknown)}")
+    return builder
+
+
+def build_backbone(name: str, *, weights: str | None = None, output_stride: int = 16,
+                   norm: str = "batch", bn_momentum: float = 0.99, **options) -> Backbone:
+    """A built backbone by name (see BACKBONES): preprocessing layer + named blocks.
+
+    options: backbone-specific keywords, passed on only when not None; for the ResNets the
+      layout `stride_on`, `stem_pool`, `preprocess` (see `kssl.models.backbones.resnet`).
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    builder = _backbone_builder(name, options)
     check_norm(norm)
     return builder(weights=weights, output_stride=output_stride, norm=norm,
-                   bn_momentum=bn_momentum)
+                   bn_momentum=bn_momentum, **options)
+
+
+def backbone_layout(model: Segmenter) -> dict:
+    """The ResNet layout {stride_on, stem_pool, preprocess} a built segmenter uses (what its
+    weights need); {} for other backbones."""
+    from kssl.models.backbones.resnet import layout_of
+
+    return layout_of(model.preprocess, model.block_layers)
 
 
 def build_head(arch: str, backbone: Backbone, num_classes: int, *, output_stride: int,
@@ -97,12 +123,18 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
                     low_level_channels: int | None = None,
                     decoder_channels: int | None = None, dropout: float | None = None,
                     separable: bool | None = None, align_corners: bool = False,
-                    name: str | None = None) -> Segmenter:
+                    stride_on: str | None = None, stem_pool: str | None = None,
+                    preprocess: str | None = None, name: str | None = None) -> Segmenter:
     """A built Segmenter, already called on a zero batch (ready for fit, export, load_weights).
 
     arch: "deeplabv3plus" or "deeplabv2" (see HEADS).
-    backbone: "resnet50", "resnet101" or "small" (see BACKBONES).
-    weights: backbone weights: None, "imagenet" or a keras.applications weight file path.
+    backbone: "resnet50", "resnet101", "small" or "efficientnet_lite0" (see BACKBONES).
+    weights: backbone weights: None, "imagenet" or a weight file path (ResNets: a
+      keras.applications file or a file from `bin/convert_weights`; efficientnet_lite0: a
+      PyTorch .pth or a .weights.h5). A converted DeepLab-v2 file also holds its ASPP
+      classifier: it is loaded into a "deeplabv2" head when num_classes matches and every
+      rate of `aspp_rates` is one of the file's (rates (6, 12) take the rate-6 and rate-12
+      branches: the classifier the released PyTorch code effectively runs).
     output_stride: None picks the arch default (deeplabv2: 8, deeplabv3plus: 16).
     norm: backbone norm, "batch" | "sync_batch" | "frozen".
     head_norm: head norm; None means `norm`, except that "frozen" becomes "batch" (a freshly
@@ -110,6 +142,8 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
     aspp_rates, aspp_channels, low_level_channels, decoder_channels, dropout, separable:
       head options; None keeps the head's default. Passing one the arch lacks is an error.
     align_corners: bilinear upsampling convention for the logits (and the V3+ decoder).
+    stride_on, stem_pool, preprocess: ResNet layout (see `kssl.models.backbones.resnet`);
+      None follows the weights, an explicit value that disagrees with them is an error.
     """
     _lookup(HEADS, "arch", arch)
     _lookup(BACKBONES, "backbone", backbone)
@@ -125,8 +159,11 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
                    dropout=dropout, separable=separable)
     options = {k: v for k, v in options.items() if v is not None}
     _head_builder(arch, options)  # fail on a bad option before building anything
+    layout = {k: v for k, v in dict(stride_on=stride_on, stem_pool=stem_pool,
+                                    preprocess=preprocess).items() if v is not None}
+    _backbone_builder(backbone, layout)
     bb = build_backbone(backbone, weights=weights, output_stride=output_stride, norm=norm,
-                        bn_momentum=bn_momentum)
+                        bn_momentum=bn_momentum, **layout)
     head = build_head(arch, bb, int(num_classes), output_stride=output_stride, norm=head_norm,
                       bn_momentum=bn_momentum, align_corners=align_corners, **options)
     model = Segmenter.from_backbone(bb, head, align_corners=align_corners,
@@ -135,9 +172,24 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
     # `model.export` serves); the call marks the model as called, which export requires.
     model.build((None, None, None, 3))
     model(tf.zeros((1, 32, 32, 3)), training=False)
+    if weights is not None and arch == "deeplabv2":
+        _load_converted_classifier(weights, head)
     return model
 
 
+def _load_converted_classifier(weights, head) -> None:
+    """Loads a converted file's ASPP classifier into `head` where it fits, and says so."""
+    from kssl.models.checkpoints import convert
+
+    if convert.read_info(weights) is None:
+        return
+    loaded, reason = convert.load_classifier(weights, head)
+    if loaded:
+        logging.info("loaded the ASPP classifier (rates %s) from %s", head.rates, weights)
+    elif reason:
+        logging.warning("the ASPP classifier keeps its fresh initialisation: %s", reason)
+
+
 __all__ = ["BACKBONES", "HEADS", "DEFAULT_OUTPUT_STRIDE", "Backbone", "Block", "Segmenter",
-           "build_backbone", "build_head", "build_segmenter", "deeplabv2_head",
-           "deeplabv3plus_head"]
+           "backbone_layout", "build_backbone", "build_head", "build_segmenter",
+           "deeplabv2_head", "deeplabv3plus_head"]
