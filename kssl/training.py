@@ -38,13 +38,17 @@ from kssl.data.readers.folder import Folder
 from kssl.data.readers.shapes import Shapes
 from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
-from kssl.methods import Supervised
+from kssl.augment.strong import StrongAugment
+from kssl.methods import ClassMix, Supervised
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
                     (Shapes, "shapes"), (Tfds, "tfds"), (VOC, "voc")]:
     gin.external_configurable(_cls, name=_name, module="kssl.data")
 gin.external_configurable(Supervised, module="kssl.methods")
+gin.external_configurable(ClassMix, module="kssl.methods")
+# `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...
+gin.external_configurable(StrongAugment, module="kssl.augment")
 
 
 # -- configured pieces -------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Training methods: each a keras.Model whose train_step tells the whole algorithm."""
 
 from kssl.methods.base import SegmentationMethod, unpack_batch
+from kssl.methods.classmix import ClassMix
+from kssl.methods.ema import EMATeacher
 from kssl.methods.supervised import Supervised
 
-__all__ = ["SegmentationMethod", "Supervised", "unpack_batch"]
+__all__ = ["ClassMix", "EMATeacher", "SegmentationMethod", "Supervised", "unpack_batch"]

@@ -95,8 +95,17 @@ class SegmentationMethod(keras.Model):
         # ids) and consume that batch; only the optimizer is left to build.
         if self.optimizer is not None and not self.optimizer.built:
             with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
+                self.optimizer.build(self.optimized_variables())
         self._post_build()
+
+    def optimized_variables(self) -> list:
+        """The variables the optimizer updates: it creates its slots for these only.
+
+        Every trainable variable by default; a method with networks that are not trained
+        by gradient (an EMA teacher) returns the trained networks' variables, so the
+        optimizer holds no momentum for them and checkpoints stay small.
+        """
+        return self.trainable_variables
 
     @property
     def inference_network(self) -> keras.Model:

@@ -1,0 +1,126 @@
+"""Mask-based mixing of unlabelled images: ClassMix and box (CutMix) masks, and `mix`.
+
+A mask is float32 [B, H, W] of 0/1. Mixing pairs example i of the batch with example i+1
+(cyclically, over the *global* batch): `mixed[i] = mask[i] * a[i] + (1 - mask[i]) * a[i+1]`,
+i.e. the masked region of image i is pasted on top of image i+1, as in the ClassMix code.
+The same mask applied to images and to the teacher's probabilities (or logits, features)
+keeps the artificial label aligned with the mixed image.
+
+Everything is batched tensor ops (no per-example Python) and runs inside a compiled,
+distributed train step; random choices come from `kssl.augment.seeds`, so they do not
+depend on how the batch is split over replicas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from kssl.augment import seeds
+
+
+def next_in_batch(x: tf.Tensor) -> tf.Tensor:
+    """x rolled by one over the global batch: row i holds global example i+1 (cyclic).
+
+    On one replica this is `tf.roll(x, -1, axis=0)`. Split over replicas, the last row of
+    replica r needs the first row of replica r+1: each replica contributes its first row
+    to one all-gather (one example per replica, not the whole batch), so the pairing, and
+    hence the result, equals the single-device one. No gradient is meant to flow through
+    the partner (images and teacher outputs are constants of the step).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tf.roll(x, shift=-1, axis=0)
+    firsts = context.all_gather(x[:1], axis=0)  # [R, ...]: every replica's first row
+    following = (context.replica_id_in_sync_group + 1) % context.num_replicas_in_sync
+    return tf.concat([x[1:], tf.gather(firsts, [following])], axis=0)
+
+
+def mix(mask: tf.Tensor, a: tf.Tensor, b: tf.Tensor | None = None) -> tf.Tensor:
+    """`a` where the mask is 1, `b` elsewhere; `b` defaults to `next_in_batch(a)`.
+
+    Args:
+      mask: [B, H, W] of 0/1 (any dtype). Resized (nearest) to `a`'s spatial size when it
+        differs, so one full-resolution mask also mixes lower-resolution features.
+      a, b: [B, H', W'] or [B, H', W', C] of any dtype (images, probabilities, logits,
+        features, label maps).
+    Returns:
+      A tensor like `a`. Exact (a selection, not a blend), so integer maps stay integer.
+    """
+    a = tf.convert_to_tensor(a)
+    b = next_in_batch(a) if b is None else tf.convert_to_tensor(b, a.dtype)
+    keep = tf.cast(mask, tf.float32)[..., None]  # [B, H, W, 1], the layout resize takes
+    if not (keep.shape[1:3].is_fully_defined() and keep.shape[1:3] == a.shape[1:3]):
+        # Nearest resizing to an equal size is the identity, so a dynamic shape is safe.
+        keep = tf.image.resize(keep, tf.shape(a)[1:3], method="nearest")
+    if a.shape.rank == 3:
+        keep = keep[..., 0]
+    return tf.where(keep > 0.5, a, b)
+
+
+def class_mix_masks(labels: tf.Tensor, num_classes: int, scores: tf.Tensor) -> tf.Tensor:
+    """ClassMix masks: for each image, the pixels of half of its classes.
+
+    For image i with n_i distinct classes in `labels[i]` (the teacher's argmax on the
+    unmixed image), floor(n_i / 2) of them are chosen uniformly without replacement (the
+    released code's floor; the paper's |C|/2 is silent on odd counts). An image with a
+    single class gives the all-zero mask (nothing is pasted).
+
+    Args:
+      labels: int [B, H, W] class ids in [0, num_classes).
+      num_classes: C.
+      scores: float [B, C] i.i.d. uniform in [0, 1) per image and class (e.g.
+        `seeds.per_example_uniform(seed, B, (C,))`): the chosen classes are the present
+        ones with the smallest scores, which is a uniform draw without replacement.
+    Returns:
+      float32 [B, H, W]: 1 where the pixel's class was chosen.
+    """
+    labels = tf.cast(labels, tf.int32)
+    flat = tf.reshape(labels, [tf.shape(labels)[0], -1])
+    present = tf.math.bincount(flat, minlength=num_classes, maxlength=num_classes,
+                               axis=-1) > 0  # [B, C]
+    half = tf.reduce_sum(tf.cast(present, tf.int32), axis=1) // 2
+    # Absent classes sort after every present one (scores are < 1), so the first
+    # `half` ranks are always present classes.
+    keys = tf.where(present, tf.cast(scores, tf.float32), 2.0)
+    ranks = tf.argsort(tf.argsort(keys, axis=1), axis=1)
+    chosen = ranks < half[:, None]  # [B, C]
+    return tf.cast(tf.gather(chosen, labels, batch_dims=1), tf.float32)
+
+
+def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
+              proportion_range=(0.5, 0.5)) -> tf.Tensor:
+    """Box (CutMix) masks: 1 inside `num_boxes` random rectangles per image, 0 outside.
+
+    Per image a proportion p ~ U(proportion_range) of the image is split over the boxes:
+    each box has height fraction p^u / sqrt(k) and width fraction p^(1-u) / sqrt(k)
+    (u ~ U(0, 1) per box, k = num_boxes, so each box covers p / k of the image with a
+    log-uniform aspect), at a uniform position where it fits. Overlapping boxes combine by
+    XOR. One box with p = 0.5 is the ClassMix code's "cut" mask up to its width
+    distribution (uniform in [W/2, W] there); that code pastes the *outside* of the box,
+    i.e. uses `1 - box_masks(...)`.
+
+    Args:
+      batch_size: B (this replica's examples); height, width: the mask size.
+      seed: a stateless seed pair (see `seeds.step_seed`).
+    Returns:
+      float32 [B, height, width].
+    """
+    low, high = proportion_range
+    draws = seeds.per_example_uniform(seed, batch_size, (num_boxes, 4))
+    proportion = low + (high - low) * draws[..., 0]
+    aspect = draws[..., 1]
+    scale = 1.0 / math.sqrt(num_boxes)
+    height_f = tf.cast(height, tf.float32)
+    width_f = tf.cast(width, tf.float32)
+    box_h = tf.round(tf.pow(proportion, aspect) * scale * height_f)
+    box_w = tf.round(tf.pow(proportion, 1.0 - aspect) * scale * width_f)
+    top = tf.floor(draws[..., 2] * (height_f - box_h + 1.0))
+    left = tf.floor(draws[..., 3] * (width_f - box_w + 1.0))
+    rows = tf.range(height_f)[None, None, :, None]
+    cols = tf.range(width_f)[None, None, None, :]
+    inside_rows = (rows >= top[..., None, None]) & (rows < (top + box_h)[..., None, None])
+    inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
+    inside = tf.cast(inside_rows & inside_cols, tf.int32)  # [B, k, H, W]
+    return tf.cast(tf.reduce_sum(inside, axis=1) % 2, tf.float32)

@@ -1,0 +1,123 @@
+"""Mixing masks, mixing, strong augmentation and the replica-independent random draws."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl.augment import mixing, seeds, strong
+
+NUM_CLASSES = 6
+
+
+def label_maps():
+    """Three 4x6 label maps: 4 classes, 5 classes, and a single class."""
+    a = np.array([[0, 0, 1, 1, 2, 2]] * 2 + [[3, 3, 3, 0, 0, 0]] * 2)
+    b = np.array([[0, 1, 2, 3, 4, 4]] * 4)
+    c = np.full((4, 6), 5)
+    return np.stack([a, b, c]).astype(np.int32)
+
+
+def test_class_mask_keeps_exactly_the_chosen_classes():
+    labels = label_maps()
+    scores = np.full((3, NUM_CLASSES), 0.5, np.float32)
+    scores[0] = [0.9, 0.1, 0.5, 0.3, 0.0, 0.0]  # present 0-3: the two lowest are 1 and 3
+    scores[1] = [0.2, 0.8, 0.1, 0.7, 0.6, 0.0]  # present 0-4 (5 -> 2 chosen): 2 and 0
+    mask = mixing.class_mix_masks(labels, NUM_CLASSES, scores).numpy()
+    np.testing.assert_array_equal(mask[0], np.isin(labels[0], [1, 3]))
+    np.testing.assert_array_equal(mask[1], np.isin(labels[1], [0, 2]))
+    np.testing.assert_array_equal(mask[2], 0)  # one class: nothing is pasted
+    assert mask.dtype == np.float32
+
+
+def test_class_mask_is_half_of_the_present_classes_for_random_draws():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, NUM_CLASSES, (16, 5, 5)).astype(np.int32)
+    labels[3] = 2  # a single-class image among them
+    labels[4, :, :3] = 1
+    labels[4, :, 3:] = 4  # two classes: exactly one is kept
+    for step in range(3):
+        scores = seeds.per_example_uniform(seeds.step_seed(0, step, 1), 16, (NUM_CLASSES,))
+        mask = mixing.class_mix_masks(labels, NUM_CLASSES, scores).numpy()
+        for image, keep in zip(labels, mask):
+            chosen = np.unique(image[keep == 1])
+            assert len(chosen) == len(np.unique(image)) // 2
+            np.testing.assert_array_equal(keep, np.isin(image, chosen))
+        np.testing.assert_array_equal(mask[3], 0)
+
+
+def test_images_and_probabilities_are_mixed_with_the_same_mask():
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (3, 4, 6, 3)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), (3, 4, 6)).astype(np.float32)
+    mask = mixing.class_mix_masks(label_maps(), NUM_CLASSES,
+                                  rng.uniform(size=(3, NUM_CLASSES))).numpy()
+    mixed_images = mixing.mix(mask, images).numpy()
+    mixed_probs = mixing.mix(mask, probs).numpy()
+    for i in range(3):
+        partner = (i + 1) % 3  # image i is pasted over image i+1, cyclically
+        keep = mask[i][..., None] == 1
+        np.testing.assert_array_equal(mixed_images[i],
+                                      np.where(keep, images[i], images[partner]))
+        np.testing.assert_array_equal(mixed_probs[i], np.where(keep, probs[i], probs[partner]))
+    # A label map and a lower-resolution feature map follow the same mask.
+    labels = label_maps()
+    np.testing.assert_array_equal(mixing.mix(mask, labels).numpy(),
+                                  np.where(mask == 1, labels, np.roll(labels, -1, 0)))
+    features = rng.normal(size=(3, 2, 3, 5)).astype(np.float32)
+    small = mask[:, 1::2, 1::2]  # nearest resizing samples each 2x2 cell's centre pixel
+    np.testing.assert_array_equal(
+        mixing.mix(mask, features).numpy(),
+        np.where(small[..., None] == 1, features, np.roll(features, -1, 0)))
+
+
+def test_box_masks_cover_the_drawn_area():
+    mask = mixing.box_masks(8, 40, 60, seeds.step_seed(0, 0, 3)).numpy()
+    assert mask.shape == (8, 40, 60) and set(np.unique(mask)) <= {0.0, 1.0}
+    np.testing.assert_allclose(mask.mean(axis=(1, 2)), 0.5, atol=0.05)
+    for m in mask:  # one rectangle: rows and columns with ones are contiguous
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    three = mixing.box_masks(8, 40, 60, seeds.step_seed(0, 0, 3), num_boxes=3,
+                             proportion_range=(0.25, 0.5)).numpy()
+    assert np.all(three.mean(axis=(1, 2)) <= 0.5 + 0.05)
+
+
+def test_random_draws_and_pairing_do_not_depend_on_the_replica_split(two_replicas):
+    seed = seeds.step_seed(7, 3, 1)
+    single = seeds.per_example_uniform(seed, 4, (5,)).numpy()
+    x = tf.reshape(tf.range(4 * 3, dtype=tf.float32), (4, 3))
+
+    @tf.function
+    def per_replica(x):
+        def step(x):
+            return seeds.per_example_uniform(seed, tf.shape(x)[0], (5,)), mixing.next_in_batch(x)
+        return two_replicas.run(step, (x,))
+
+    ds = two_replicas.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
+    draws, rolled = per_replica(next(iter(ds)))
+    draws = np.concatenate([d.numpy() for d in two_replicas.experimental_local_results(draws)])
+    rolled = np.concatenate([r.numpy() for r in two_replicas.experimental_local_results(rolled)])
+    np.testing.assert_array_equal(draws, single)
+    np.testing.assert_array_equal(rolled, np.roll(x.numpy(), -1, axis=0))
+
+
+def test_strong_augment_changes_only_colours_and_is_reproducible():
+    rng = np.random.default_rng(2)
+    images = tf.constant(rng.uniform(0, 255, (4, 24, 32, 3)).astype(np.float32))
+    seed = seeds.step_seed(0, 5, 2)
+    always = strong.StrongAugment(jitter_probability=1.0, blur_probability=1.0)
+    out = always(images, seed).numpy()
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, images.numpy())
+    np.testing.assert_array_equal(out, always(images, seed).numpy())
+    never = strong.StrongAugment(jitter_probability=0.0, blur_probability=0.0)
+    np.testing.assert_allclose(never(images, seed).numpy(), images.numpy(), rtol=1e-6)
+    # Blur alone keeps a constant image constant (normalised kernel, reflect padding).
+    grey = tf.fill((1, 24, 32, 3), 100.0)
+    blurred = strong.StrongAugment(jitter_probability=0.0, blur_probability=1.0)(grey, seed)
+    np.testing.assert_allclose(blurred.numpy(), 100.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side, size", [(321, 33), (512, 51), (1024, 103), (96, 9)])
+def test_blur_kernel_is_a_tenth_of_the_side_and_odd(side, size):
+    assert int(strong.blur_kernel_size(side)) == size

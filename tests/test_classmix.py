@@ -1,0 +1,196 @@
+"""ClassMix: the confidence weight, the shared mixing mask, distribution, fit and resume."""
+
+import os
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, losses, training
+from kssl.augment.strong import StrongAugment
+from kssl.data.examples import IGNORE_LABEL
+from kssl.methods import ClassMix
+
+NUM_CLASSES = 3
+
+
+def tiny_segmenter(seed):
+    """conv -> synchronised BN -> relu -> 1x1 classifier, logits at input size."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization(synchronized=True)(x)
+    x = keras.layers.ReLU()(x)
+    outputs = keras.layers.Conv2D(NUM_CLASSES, 1)(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_confidence_weight_matches_a_hand_computation():
+    confidence = np.array([[[0.99, 0.5], [0.97, 0.2]],     # 2 of 4 pixels above 0.968
+                           [[0.1, 0.3], [0.968, 0.999]]],  # 1 of 4 (0.968 is not above)
+                          np.float32)
+    batch = losses.confidence_weights(confidence, 0.968, "batch").numpy()
+    np.testing.assert_allclose(batch, np.full((2, 2, 2), 3 / 8))
+    image = losses.confidence_weights(confidence, 0.968, "image").numpy()
+    np.testing.assert_allclose(image[0], 2 / 4)
+    np.testing.assert_allclose(image[1], 1 / 4)
+    pixel = losses.confidence_weights(confidence, 0.968, "pixel").numpy()
+    np.testing.assert_array_equal(pixel, confidence > 0.968)
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 2, 2, NUM_CLASSES)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (2, 2, 2)).astype(np.int32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    got = losses.confidence_weighted_cross_entropy(logits, labels, confidence, 0.968, "batch")
+    np.testing.assert_allclose(got.numpy(), 3 / 8 * ce.mean(), rtol=1e-5)
+    got = losses.confidence_weighted_cross_entropy(logits, labels, confidence, 0.968, "image")
+    np.testing.assert_allclose(got.numpy(), (ce[0].sum() / 2 + ce[1].sum() / 4) / 8, rtol=1e-5)
+
+
+def test_images_and_teacher_probabilities_are_mixed_with_the_same_mask():
+    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, seed=0)
+    rng = np.random.default_rng(0)
+    batch, height, width = 4, 8, 10
+    # Every pixel of image i has value i, so a mixed pixel tells which image it came from.
+    images = np.broadcast_to(np.arange(batch, dtype=np.float32)[:, None, None, None],
+                             (batch, height, width, 3))
+    probs = rng.dirichlet(np.ones(NUM_CLASSES), (batch, height, width)).astype(np.float32)
+    mixed_images, mixed_probs = model.mix_pairs(tf.constant(images), tf.constant(probs), 0)
+    source = mixed_images.numpy()[..., 0].astype(int)
+    rows, cols = np.indices((height, width))
+    for i in range(batch):
+        assert set(np.unique(source[i])) <= {i, (i + 1) % batch}
+        np.testing.assert_array_equal(mixed_probs.numpy()[i], probs[source[i], rows, cols])
+        # Image i keeps exactly the pixels of floor(n/2) of its predicted classes.
+        predicted = probs[i].argmax(-1)
+        kept_classes = np.unique(predicted[source[i] == i])
+        assert len(kept_classes) == len(np.unique(predicted)) // 2
+        np.testing.assert_array_equal(source[i] == i, np.isin(predicted, kept_classes))
+
+
+def global_batch():
+    rng = np.random.default_rng(0)
+    labelled = {
+        "id": np.array([b"a", b"b", b"c", b"d"]),
+        "image": rng.uniform(0, 255, (4, 20, 20, 3)).astype(np.float32),
+        "mask": rng.integers(0, NUM_CLASSES, (4, 20, 20)).astype(np.int32),
+    }
+    labelled["mask"][2:, :12] = IGNORE_LABEL  # replicas count different pixel numbers
+    unlabelled = {"id": np.array([b"e", b"f", b"g", b"h"]),
+                  "image": rng.uniform(0, 255, (4, 20, 20, 3)).astype(np.float32)}
+    return labelled, unlabelled
+
+
+def train_two_steps(strategy, weights, teacher_bn):
+    ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
+    with strategy.scope():
+        # Masks and augmentations are drawn statelessly from (seed, step, global example
+        # index), so both runs draw the same ones; a low threshold makes the weight > 0.
+        model = ClassMix(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.4,
+                         strong_augment=StrongAugment(1.0, 1.0), teacher_bn=teacher_bn,
+                         seed=3)
+        model.segmenter.set_weights(weights)
+        model.teacher.set_weights(weights)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    students = []  # the student after each step
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: students.append(model.segmenter.get_weights()))
+    history = model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, callbacks=[record])
+    return model, history.history, students
+
+
+@pytest.mark.parametrize("teacher_bn", ["ema", "batch"])
+def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas, teacher_bn):
+    start = tiny_segmenter(0).get_weights()
+    single, logs, students = train_two_steps(tf.distribute.get_strategy(), start, teacher_bn)
+    double, double_logs, _ = train_two_steps(two_replicas, start, teacher_bn)
+    assert double.distribute_strategy.num_replicas_in_sync == 2
+    assert 0 < logs["confident_share"][0] < 1 and logs["unsupervised_loss"][0] > 0
+    np.testing.assert_allclose(double_logs["loss"], logs["loss"], rtol=1e-5)
+    for network in ("segmenter", "teacher"):  # BN moving statistics included
+        for a, b in zip(getattr(single, network).get_weights(),
+                        getattr(double, network).get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The teacher is identical on both replicas, and it moved away from the student
+    # (step 1 averages with decay 0.5).
+    for variable in double.teacher.weights:
+        first, second = (v.numpy() for v in variable.value.values)
+        np.testing.assert_array_equal(first, second)
+    assert any(not np.allclose(s, t) for s, t in
+               zip(single.segmenter.get_weights(), single.teacher.get_weights()))
+    # After step 0 (decay 0) the teacher is the student; after step 1 (decay 0.5) the mean
+    # of the two students, moving statistics included when they are averaged.
+    for variable, teacher, first, second in zip(single.segmenter.weights,
+                                                single.teacher.get_weights(), *students):
+        if variable.trainable or teacher_bn == "ema":
+            np.testing.assert_allclose(teacher, 0.5 * first + 0.5 * second, rtol=1e-5,
+                                       atol=1e-6)
+    # The optimizer keeps momentum for the student only.
+    momenta = [v for v in single.optimizer.variables if "momentum" in v.path]
+    assert len(momenta) == len(single.segmenter.trainable_variables)
+
+
+TINY_CONFIG = """
+dataset.reader = @shapes()
+shapes.num_train = 24
+shapes.num_val = 2
+shapes.height = 48
+shapes.width = 64
+labels.count = 8
+pipeline.batch_size = 4
+pipeline.crop_size = (48, 64)
+pipeline.scale_range = (1.0, 1.0)
+model.arch = 'deeplabv3plus'
+model.backbone = 'small'
+model.aspp_channels = 16
+model.decoder_channels = 16
+optimizer.learning_rate = 0.01
+train.method = @ClassMix
+ClassMix.strong_augment = True
+train.steps = 2
+train.steps_per_epoch = 1
+train.verbose = 0
+"""
+
+
+class Crash(Exception):
+    pass
+
+
+def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monkeypatch):
+    """Two steps through kssl.training.train, killed after the first: the resumed run
+    restores the teacher and the step counter from the backup."""
+    path = tmp_path / "classmix.gin"
+    path.write_text(TINY_CONFIG)
+    workdir = str(tmp_path / "run")
+    gin.clear_config()
+    config.parse([str(path)])
+    teachers = []
+
+    def crash_in_second_epoch(self, epoch, logs=None):
+        teachers.append([w.copy() for w in self.model.teacher.get_weights()])
+        if epoch == 1:
+            raise Crash()
+
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
+    try:
+        with pytest.raises(Crash):
+            training.train(workdir)
+        assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+        saved = teachers[-1]  # the teacher after step 0, as backed up
+
+        teachers.clear()
+        monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
+                            lambda self, epoch, logs=None: teachers.append(
+                                [w.copy() for w in self.model.teacher.get_weights()]))
+        metrics = training.train(workdir)
+    finally:
+        gin.clear_config()
+    assert len(teachers) == 1  # only the second epoch ran
+    for got, want in zip(teachers[0], saved):
+        np.testing.assert_array_equal(got, want)
+    assert metrics["steps"] == 2 and metrics["method"] == "ClassMix"
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
