@@ -121,3 +121,17 @@ def test_strong_augment_changes_only_colours_and_is_reproducible():
 @pytest.mark.parametrize("side, size", [(321, 33), (512, 51), (1024, 103), (96, 9)])
 def test_blur_kernel_is_a_tenth_of_the_side_and_odd(side, size):
     assert int(strong.blur_kernel_size(side)) == size
+
+
+def test_hue_shift_is_a_fraction_of_the_colour_circle():
+    """kornia 0.3 (the released code) shifts hue by factor * 2*pi radians: a factor of
+    0.25 turns pure red a quarter of the way round the circle."""
+    import colorsys
+
+    from kssl.augment import strong
+
+    red = tf.constant([[[[1.0, 0.0, 0.0]]]])
+    for shift in (0.25, -0.1):
+        got = strong._adjust_hue(red, shift).numpy()[0, 0, 0]
+        want = colorsys.hsv_to_rgb(shift % 1.0, 1.0, 1.0)
+        np.testing.assert_allclose(got, want, atol=1e-5)

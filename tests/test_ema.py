@@ -1,6 +1,7 @@
 """The EMA teacher: decay schedule with warm-up, the update formula, cloning a Segmenter."""
 
 import keras
+import tensorflow as tf
 import numpy as np
 import pytest
 
@@ -66,3 +67,31 @@ def test_a_segmenter_is_cloned_with_its_own_variables():
     student.weights[0].assign(student.weights[0] + 1.0)  # separate variables
     assert not np.allclose(teacher.weights[0].numpy(), student.weights[0].numpy())
     assert isinstance(clone_network(tiny_network()), keras.Model)
+
+
+def test_teacher_stays_identical_across_replicas_with_unsynchronised_batch_norm(two_replicas):
+    """Plain batch norm gives each replica its own moving statistics; the teacher takes
+    their mean, so its copies agree (step 0: decay 0, the teacher becomes that mean)."""
+    from kssl.methods.ema import EMATeacher
+
+    with two_replicas.scope():
+        inputs = keras.Input((None, None, 3))
+        outputs = keras.layers.BatchNormalization(momentum=0.0)(inputs)
+        student = keras.Model(inputs, outputs)
+        teacher_holder = EMATeacher(student, max_decay=0.99)
+
+    def forward_and_update():
+        k = tf.distribute.get_replica_context().replica_id_in_sync_group
+        student(tf.fill([1, 2, 2, 3], tf.cast(k, tf.float32) * 10.0), training=True)
+        teacher_holder.update(0)
+
+    two_replicas.run(tf.function(forward_and_update))
+    moving_mean = [v for v in student.weights if "moving_mean" in v.path][0]
+    student_copies = [c.numpy() for c in
+                      two_replicas.experimental_local_results(moving_mean.value)]
+    assert not np.allclose(student_copies[0], student_copies[1])  # they did diverge
+    teacher_mean = [v for v in teacher_holder.teacher.weights if "moving_mean" in v.path][0]
+    teacher_copies = [c.numpy() for c in
+                      two_replicas.experimental_local_results(teacher_mean.value)]
+    np.testing.assert_allclose(teacher_copies[0], teacher_copies[1])
+    np.testing.assert_allclose(teacher_copies[0], np.mean(student_copies, axis=0), rtol=1e-6)

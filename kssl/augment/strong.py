@@ -3,8 +3,8 @@
 Images are float RGB in [0, 255], the kssl convention; targets are never touched. The ops
 follow the ClassMix code's strong transform (kornia of 2020): colour jitter with an additive
 brightness offset, a multiplicative contrast factor, an HSV saturation factor and an HSV hue
-shift in radians, the four in a random order, each clamped to the valid range; then a
-Gaussian blur with one sigma for the batch and a kernel of about 10% of each side.
+shift (a fraction of the colour circle), the four in a random order, each clamped to the
+valid range; then a Gaussian blur with one sigma for the batch and a kernel of about 10% of each side.
 
 Keras's RandomColorJitter / RandomGaussianBlur are not used: their contrast blends with
 the mean and their brightness is relative to the value range (different ops), and their
@@ -14,7 +14,6 @@ stateless and keyed by step and global example index (`kssl.augment.seeds`).
 
 from __future__ import annotations
 
-import math
 
 import tensorflow as tf
 
@@ -35,12 +34,13 @@ def _adjust_saturation(images, factor):
     return tf.image.hsv_to_rgb(tf.stack([h, _clip01(s * factor), v], axis=-1))
 
 
-def _adjust_hue(images, radians):
+def _adjust_hue(images, shift):
     hsv = tf.image.rgb_to_hsv(images)
     h, s, v = tf.unstack(hsv, axis=-1)
-    # TF stores hue as a fraction of the circle; kornia 0.3's shift is in radians (later
-    # kornia reads hue=0.25 as a quarter circle, torchvision-style: pass hue=pi/2 for that).
-    h = tf.math.floormod(h + radians / (2.0 * math.pi), 1.0)
+    # `shift` is a fraction of the colour circle, as TF stores hue. kornia 0.3's ColorJitter
+    # (the released code) draws its hue factor from U(-hue, hue) and multiplies it by 2*pi
+    # before shifting hue in radians: the same fraction of the circle.
+    h = tf.math.floormod(h + shift, 1.0)
     return tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
 
 
@@ -48,7 +48,8 @@ def color_jitter(images, seed, brightness=0.25, contrast=0.25, saturation=0.25, 
     """Per-image colour jitter of [0, 1] images [B, H, W, 3], ops in a random order.
 
     brightness: offset ~ U(-b, b) added; contrast: factor ~ U(1 - c, 1 + c) multiplied;
-    saturation: HSV S times ~ U(1 - s, 1 + s); hue: HSV H shifted by ~ U(-h, h) radians.
+    saturation: HSV S times ~ U(1 - s, 1 + s); hue: HSV H shifted by ~ U(-h, h) of the
+    colour circle.
     The order of the four ops is drawn once per batch (as kornia's ColorJitter per call).
     """
     batch = tf.shape(images)[0]

@@ -8,9 +8,11 @@ the student; the decay reaches max_decay after 1 / (1 - max_decay) - 1 steps).
 Under `tf.distribute` the update is made like an optimizer update: from the replica context
 of a train step it enters the cross-replica context (`merge_call`) and updates each
 device's copy of every teacher variable from that device's copy of the student variable.
-Those copies are identical (the optimizer has just applied the same summed gradients on
-every replica; synchronised batch norm keeps the moving statistics identical too), so the
-teacher stays identical on every replica and equal to a single-device run.
+Weight copies are identical (the optimizer has just applied the same summed gradients on
+every replica). Batch-norm moving statistics are identical with synchronised batch norm;
+with plain batch norm they differ per replica, so the teacher takes their mean. Either way
+the teacher stays identical on every replica (and, with synchronised batch norm, equal to
+a single-device run).
 """
 
 from __future__ import annotations
@@ -134,10 +136,18 @@ class EMATeacher:
 
         def update_all(strategy, decay):
             for student_var, teacher_var in self.pairs:
-                # Each device's teacher copy from the same device's student copy.
+                # Each device's teacher copy from the same device's student copy, ...
+                source = _tf_variable(student_var)
+                if not student_var.trainable:
+                    # ... except statistics: unsynchronised batch norm leaves each
+                    # replica's moving statistics different, and their mean keeps the
+                    # teacher identical on every replica.
+                    copies = strategy.experimental_local_results(source)
+                    if len(copies) > 1:
+                        source = tf.add_n([tf.convert_to_tensor(c) for c in copies]) / len(
+                            copies)
                 strategy.extended.update(_tf_variable(teacher_var), assign,
-                                         args=(_tf_variable(student_var), decay),
-                                         group=False)
+                                         args=(source, decay), group=False)
 
         context = tf.distribute.get_replica_context()
         if context is None:  # already in the cross-replica context
