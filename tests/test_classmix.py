@@ -194,3 +194,37 @@ def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monk
         np.testing.assert_array_equal(got, want)
     assert metrics["steps"] == 2 and metrics["method"] == "ClassMix"
     assert 0.0 <= metrics["mean_iou"] <= 1.0
+
+
+@pytest.mark.parametrize("bias, confident", [(10.0, True), (2.0, False)])
+def test_step_loss_matches_a_hand_computation(bias, confident):
+    """A network whose logits are its bias alone: the teacher predicts class 0 everywhere
+    with probability p = e^b / (e^b + 2), so every mask is empty and the pseudo-label is 0.
+    With lr 0 the reported loss is CE(labelled) + share * (-log p), share = 1 if p > 0.968
+    else 0 — computed here by hand, not through kssl."""
+    inputs = keras.Input((None, None, 3))
+    logits = keras.layers.Conv2D(3, 1, kernel_initializer="zeros",
+                                 bias_initializer=keras.initializers.Constant([bias, 0, 0]))(
+        inputs)
+    model = ClassMix(keras.Model(inputs, logits), num_classes=3, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    rng = np.random.default_rng(0)
+    masks = rng.integers(0, 3, (2, 4, 4)).astype(np.int32)
+    masks[0, 0, 0] = IGNORE_LABEL
+    labelled = {"image": rng.uniform(0, 255, (2, 4, 4, 3)).astype(np.float32), "mask": masks}
+    unlabelled = {"image": rng.uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)}
+    history = model.fit(tf.data.Dataset.from_tensors((labelled, unlabelled)), epochs=1,
+                        steps_per_epoch=1, verbose=0)
+
+    log_probs = np.log(np.exp([bias, 0.0, 0.0]) / np.exp([bias, 0.0, 0.0]).sum())
+    valid = masks != IGNORE_LABEL
+    supervised = -log_probs[masks[valid]].mean()
+    p = np.exp(log_probs[0])
+    share = 1.0 if p > 0.968 else 0.0
+    assert (share == 1.0) == confident
+    np.testing.assert_allclose(history.history["supervised_loss"][0], supervised, rtol=1e-5)
+    np.testing.assert_allclose(history.history["unsupervised_loss"][0],
+                               share * -log_probs[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(history.history["loss"][0], supervised + share * -log_probs[0],
+                               rtol=1e-5)
+    np.testing.assert_allclose(history.history["confident_share"][0], share)
