@@ -12,20 +12,7 @@ from kssl import config, losses, training
 from kssl.augment.strong import StrongAugment
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix
-
-NUM_CLASSES = 3
-
-
-def tiny_segmenter(seed):
-    """conv -> synchronised BN -> relu -> 1x1 classifier, logits at input size."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization(synchronized=True)(x)
-    x = keras.layers.ReLU()(x)
-    outputs = keras.layers.Conv2D(NUM_CLASSES, 1)(x)
-    return keras.Model(inputs, outputs)
-
+from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, tiny_segmenter
 
 def test_confidence_weight_matches_a_hand_computation():
     confidence = np.array([[[0.99, 0.5], [0.97, 0.2]],     # 2 of 4 pixels above 0.968
@@ -133,26 +120,12 @@ def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas
     assert len(momenta) == len(single.segmenter.trainable_variables)
 
 
-TINY_CONFIG = """
-dataset.reader = @shapes()
-shapes.num_train = 24
+TINY_CONFIG = TINY_SHAPES_CONFIG + """
 shapes.num_val = 2
-shapes.height = 48
-shapes.width = 64
-labels.count = 8
-pipeline.batch_size = 4
-pipeline.crop_size = (48, 64)
-pipeline.scale_range = (1.0, 1.0)
-model.arch = 'deeplabv3plus'
-model.backbone = 'small'
-model.aspp_channels = 16
-model.decoder_channels = 16
-optimizer.learning_rate = 0.01
 train.method = @ClassMix
 ClassMix.strong_augment = True
 train.steps = 2
 train.steps_per_epoch = 1
-train.verbose = 0
 """
 
 

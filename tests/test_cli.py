@@ -11,28 +11,15 @@ import pytest
 import tensorflow as tf
 
 from kssl import config, training
+from tiny import TINY_SHAPES_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_CONFIG = """
-dataset.reader = @shapes()
-shapes.num_train = 24
+TINY_CONFIG = TINY_SHAPES_CONFIG + """
 shapes.num_val = 4
-shapes.height = 48
-shapes.width = 64
-labels.count = 8
-pipeline.batch_size = 4
-pipeline.crop_size = (48, 64)
-pipeline.scale_range = (1.0, 1.0)
-model.arch = 'deeplabv3plus'
-model.backbone = 'small'
-model.aspp_channels = 16
-model.decoder_channels = 16
-optimizer.learning_rate = 0.01
 train.method = @Supervised
 train.steps = 6
 train.steps_per_epoch = 3
-train.verbose = 0
 evaluation.input_size = (40, 56)
 """
 

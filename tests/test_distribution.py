@@ -13,20 +13,7 @@ import tensorflow as tf
 from kssl import losses
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import Supervised
-
-NUM_CLASSES = 3
-
-
-def tiny_segmenter(seed):
-    """conv -> synchronised BN -> relu -> 1x1 classifier, logits at input size."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization(synchronized=True)(x)
-    x = keras.layers.ReLU()(x)
-    outputs = keras.layers.Conv2D(NUM_CLASSES, 1)(x)
-    return keras.Model(inputs, outputs)
-
+from tiny import NUM_CLASSES, tiny_segmenter
 
 def global_batch():
     rng = np.random.default_rng(0)
