@@ -96,11 +96,9 @@ def main(argv):
     del argv
     from kssl import config, training
 
-    if not FLAGS.config:
-        common.fail("--config is required")
-    config.parse(FLAGS.config, FLAGS.gin_param)
+    workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir,
+                                      prefix="benchmark-")
     name = os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
-    workdir = FLAGS.workdir or os.path.join("runs", f"benchmark-{name}")
     command = "bin/benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     start = time.perf_counter()
     metrics = config.call_configured(training.train, workdir, overwrite=True)

@@ -51,3 +51,20 @@ def load_inference_network(workdir: str, num_classes: int):
     network = training.build_model(num_classes, weights=None)
     network.load_weights(weights)
     return network
+
+
+def load_trained(workdir: str):
+    """A finished run: (reader, eval split, trained inference network)."""
+    reader, eval_split = load_run(workdir)
+    return reader, eval_split, load_inference_network(workdir, reader.info.num_classes)
+
+
+def parse_run_config(config_files, bindings, workdir=None, prefix="") -> str:
+    """Parses the config flags; returns the run directory (default runs/<prefix><config>)."""
+    from kssl import config
+
+    if not config_files:
+        fail("--config is required, e.g. --config configs/quickstart.gin")
+    config.parse(config_files, bindings)
+    name = os.path.splitext(os.path.basename(config_files[-1]))[0]
+    return workdir or os.path.join("runs", prefix + name)

@@ -16,8 +16,7 @@ def main(argv):
     del argv
     from kssl import export, training
 
-    reader, _ = common.load_run(FLAGS.workdir)
-    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
+    reader, _, network = common.load_trained(FLAGS.workdir)
     # A model trained at reduced resolution is served the way it was scored: resized to
     # its evaluation input size, probabilities resized back to the image's size.
     input_size = training.evaluation_settings()["input_size"]

@@ -18,8 +18,7 @@ def main(argv):
     del argv
     from kssl import predict, training
 
-    reader, _ = common.load_run(FLAGS.workdir)
-    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
+    reader, _, network = common.load_trained(FLAGS.workdir)
     try:
         written = predict.predict_folder(network, FLAGS.input, FLAGS.output,
                                          reader.info.palette, write_ids=FLAGS.write_ids,

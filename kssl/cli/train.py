@@ -20,11 +20,7 @@ def main(argv):
     del argv
     from kssl import config, training
 
-    if not FLAGS.config:
-        common.fail("--config is required, e.g. bin/train --config configs/quickstart.gin")
-    config.parse(FLAGS.config, FLAGS.gin_param)
-    workdir = FLAGS.workdir or os.path.join(
-        "runs", os.path.splitext(os.path.basename(FLAGS.config[-1]))[0])
+    workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir)
     print(f"kssl: training into {workdir}", flush=True)
     config.call_configured(training.train, workdir, overwrite=FLAGS.overwrite)
     print(f"kssl: done; metrics in {os.path.join(workdir, 'metrics.json')}", flush=True)
