@@ -3,15 +3,19 @@
 - `mixing`: ClassMix and box (CutMix) masks, and `mix`, which applies one mask to images,
   probabilities or features, pairing example i with i+1 of the global batch.
 - `strong`: colour jitter and Gaussian blur of images (`StrongAugment`).
+- `randaugment`: RandAugment + Cutout of images with maps of source coordinates for
+  warping targets (`RandAugmentCutout`, `warp_labels`), as three-stage self-training.
 - `seeds`: stateless random draws keyed by step and global example index, so results do
   not depend on how a batch is split over replicas.
 
 Weak, per-example augmentation (scale, crop, flip) lives in `kssl.data.transforms`.
 """
 
-from kssl.augment import mixing, seeds, strong
+from kssl.augment import mixing, randaugment, seeds, strong
 from kssl.augment.mixing import box_masks, class_mix_masks, mix, next_in_batch
+from kssl.augment.randaugment import RandAugmentCutout, identity_coords, warp_labels
 from kssl.augment.strong import StrongAugment
 
-__all__ = ["StrongAugment", "box_masks", "class_mix_masks", "mix", "mixing",
-           "next_in_batch", "seeds", "strong"]
+__all__ = ["RandAugmentCutout", "StrongAugment", "box_masks", "class_mix_masks",
+           "identity_coords", "mix", "mixing", "next_in_batch", "randaugment", "seeds",
+           "strong", "warp_labels"]
