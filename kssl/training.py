@@ -14,6 +14,7 @@ names below (see `configs/*.gin` and the README's configuration reference):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,8 +30,10 @@ import tensorflow as tf
 from absl import logging
 
 from kssl import config as kssl_config
-from kssl import evaluation, models
+from kssl import evaluation, models, optimizers
 from kssl.data import pipeline, splits, validate
+from kssl.data.examples import Examples
+from kssl.data.pseudo_masks import PseudoMaskStore, write_pseudo_masks
 from kssl.data.readers import base as reader_base
 from kssl.data.readers.camvid import CamVid
 from kssl.data.readers.cityscapes import Cityscapes
@@ -38,8 +41,9 @@ from kssl.data.readers.folder import Folder
 from kssl.data.readers.shapes import Shapes
 from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
+from kssl.augment.randaugment import RandAugmentCutout
 from kssl.augment.strong import StrongAugment
-from kssl.methods import ClassMix, Supervised
+from kssl.methods import ClassMix, Supervised, ThreeStage
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
@@ -47,8 +51,10 @@ for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "fo
     gin.external_configurable(_cls, name=_name, module="kssl.data")
 gin.external_configurable(Supervised, module="kssl.methods")
 gin.external_configurable(ClassMix, module="kssl.methods")
+gin.external_configurable(ThreeStage, module="kssl.methods")
 # `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...
 gin.external_configurable(StrongAugment, module="kssl.augment")
+gin.external_configurable(RandAugmentCutout, module="kssl.augment")
 
 
 # -- configured pieces -------------------------------------------------------------------
@@ -150,7 +156,8 @@ def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
                     weight_decay=1e-4, schedule="poly", power=0.9, end_learning_rate=0.0):
     """SGD (momentum, Nesterov off) or Adam/AdamW with a poly or constant schedule.
 
-    Weight decay is decoupled (applied by the optimizer) and skips biases and norm layers.
+    The optimizers take per-variable learning-rate multipliers (`kssl.optimizers`), which a
+    method sets (e.g. `ThreeStage.backbone_lr_multiplier`). Weight decay is decoupled (applied by the optimizer) and skips biases and norm layers.
     """
     if schedule == "poly":
         lr = keras.optimizers.schedules.PolynomialDecay(
@@ -160,11 +167,11 @@ def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
     else:
         raise ValueError(f"optimizer.schedule must be 'poly' or 'constant', got {schedule!r}")
     if name == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=momentum, weight_decay=weight_decay or None)
+        opt = optimizers.SGD(lr, momentum=momentum, weight_decay=weight_decay or None)
     elif name == "adam":
-        opt = keras.optimizers.Adam(lr)
+        opt = optimizers.Adam(lr)
     elif name == "adamw":
-        opt = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+        opt = optimizers.AdamW(lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer.name must be 'sgd', 'adam' or 'adamw', got {name!r}")
     if weight_decay:
@@ -231,14 +238,13 @@ class PeriodicEvaluation(keras.callbacks.Callback):
 
 
 # -- the driver --------------------------------------------------------------------------
-def prepare_data(reader, train_split, method_cls, settings):
+def prepare_data(reader, train_split, uses_unlabelled: bool, settings):
     """Lists, splits and validates the training data; fails before any training.
 
     Returns (labelled, unlabelled or None, the reader of a separate unlabelled pool or None).
     """
     examples = reader.examples(train_split)
     labelled, unlabelled = labelled_subset(examples, reader)
-    uses_unlabelled = getattr(method_cls, "uses_unlabelled", True)
     num_classes = reader.info.num_classes
     extra_reader, extra = unlabelled_source()
     if extra is not None:
@@ -270,7 +276,14 @@ def scorer(network, reader, examples, settings):
 
 
 BACKUP_DIR = "backup"
-RUN_FILES = ("config.gin", "metrics.json", "model.weights.h5", BACKUP_DIR, "logs")
+PSEUDO_MASK_DIR = "pseudo_masks"
+RUN_FILES = ("config.gin", "metrics.json", "model.weights.h5", BACKUP_DIR, "logs",
+             PSEUDO_MASK_DIR, PSEUDO_MASK_DIR + ".partial")
+
+
+def stage_dir(workdir: str, stage: int) -> str:
+    """Where stage `stage` of a staged method runs (`workdir/stage_N`)."""
+    return os.path.join(workdir, f"stage_{stage}")
 
 
 def completed_epochs(workdir: str) -> int:
@@ -287,7 +300,8 @@ def remove_run(workdir: str) -> None:
     if not os.path.isdir(workdir):
         return
     entries = set(os.listdir(workdir))
-    foreign = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("eval_"))
+    foreign = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("eval_")
+                     and not (e.startswith("stage_") and os.path.isdir(os.path.join(workdir, e))))
     if foreign:
         raise kssl_config.ConfigError(
             f"--overwrite refuses to clear {workdir}: it holds files that are not a kssl "
@@ -295,19 +309,23 @@ def remove_run(workdir: str) -> None:
     shutil.rmtree(workdir)
 
 
-@gin.configurable("train")
+@gin.configurable("train", denylist=["stage", "pseudo_masks"])
 def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy="auto",
           mixed_precision=None, seed=0, eval_every_epochs=0, overwrite=False,
-          verbose=None):
+          verbose=None, start_stage=None, stage=None, pseudo_masks=None):
     """Trains a method as configured and writes the run's artefacts into `workdir`.
 
     Writes `config.gin` (operative config), `backup/` (resume state, restored
     automatically after a crash), `logs/` (TensorBoard), `model.weights.h5` (the
     inference network) and `metrics.json`. Returns the metrics dict.
 
+    A staged method (one with `stages > 1`, e.g. `@ThreeStage`) runs each stage as its own
+    training run in `workdir/stage_N/` (see `train_stages`).
+
     Args:
       method: the method class (`@Supervised`, ...).
-      steps: total optimizer steps, a multiple of `steps_per_epoch`.
+      steps: total optimizer steps, a multiple of `steps_per_epoch` (per stage for a
+        staged method; `stage_1/train.steps = ...` sets one stage's).
       steps_per_epoch: steps between resume checkpoints and progress summaries.
       strategy: 'auto', 'mirrored' or 'one_device'.
       mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
@@ -316,7 +334,13 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         at the end).
       overwrite: start afresh even if `workdir` holds a finished or interrupted run.
       verbose: Keras progress mode (1 bar, 2 a line per epoch); default 1 on a terminal.
+      start_stage: staged methods: start at this stage from the stored pseudo-masks of the
+        stage before (`workdir/stage_{N-1}/pseudo_masks`); default: resume where the run
+        stopped.
+      stage, pseudo_masks: set by `train_stages` for one stage (not configurable).
     """
+    if getattr(method, "stages", 1) > 1 and stage is None:
+        return train_stages(workdir, method, overwrite=overwrite, start_stage=start_stage)
     metrics_path = os.path.join(workdir, "metrics.json")
     if steps % steps_per_epoch:
         raise kssl_config.ConfigError(
@@ -336,12 +360,30 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     reader, train_split, eval_split = dataset_setup()
     settings = pipeline_settings()
-    labelled, unlabelled, unlabelled_reader = prepare_data(reader, train_split, method,
+    # Every stage of a staged method checks the whole pool: it is labelled by
+    # pseudo-masks at the end of a stage even when the stage trains on labels alone.
+    needs_pool = method.uses_unlabelled if stage is None else True
+    labelled, unlabelled, unlabelled_reader = prepare_data(reader, train_split, needs_pool,
                                                            settings)
     num_classes = reader.info.num_classes
+    stage_text = "" if stage is None else f" stage {stage} of {method.stages}"
     print(f"kssl: {reader.info.name} {train_split}: {len(labelled)} labelled, "
           f"{0 if unlabelled is None else len(unlabelled)} unlabelled images; "
-          f"{num_classes} classes; method {method.__name__}", flush=True)
+          f"{num_classes} classes; method {method.__name__}{stage_text}", flush=True)
+    training_pool, method_factory = unlabelled, method
+    if stage is not None:
+        method_factory = functools.partial(method, stage=stage)
+        if unlabelled_reader is not None:
+            raise kssl_config.ConfigError(
+                f"{method.__name__} labels and trains on all training images of one reader; "
+                "a separate unlabelled.reader is not supported")
+        training_pool = None
+        if method.uses_unlabelled_in(stage):
+            # The second sub-batch comes from all training images, each with its stored
+            # pseudo-mask (the labelled sub-batch carries its pseudo-mask too).
+            training_pool = concat_examples(labelled, unlabelled)
+            if pseudo_masks is not None:
+                pseudo_masks.check_covers(training_pool, "training")
 
     eval_examples = reader.examples(eval_split)
     if settings["validate_data"]:
@@ -359,14 +401,16 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     stream_args = {k: settings[k] for k in
                    ("crop_size", "scale_range", "flip", "resize", "cache")}
+    if pseudo_masks is not None:
+        stream_args["attach"] = pseudo_masks.attach
     train_ds = pipeline.train_dataset(
-        reader, labelled, unlabelled, batch_size=settings["batch_size"],
+        reader, labelled, training_pool, batch_size=settings["batch_size"],
         unlabelled_batch_size=settings["unlabelled_batch_size"], seed=data_seed,
         unlabelled_reader=unlabelled_reader, **stream_args)
 
     with dist.scope():
         segmenter = build_model(num_classes)
-        model = method(segmenter, num_classes=num_classes)
+        model = method_factory(segmenter, num_classes=num_classes)
         model.compile(optimizer=build_optimizer(steps))
     eval_settings = evaluation_settings()
     # Saved once every configurable has been called, so the file rebuilds the whole run
@@ -375,9 +419,12 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     record_model_layout(os.path.join(workdir, "config.gin"), segmenter)
 
     images_per_step = settings["batch_size"] + (
-        0 if unlabelled is None else settings["unlabelled_batch_size"] or settings["batch_size"])
+        0 if training_pool is None
+        else settings["unlabelled_batch_size"] or settings["batch_size"])
     meter = ThroughputMeter(images_per_step)
     score = scorer(model.inference_network, reader, eval_examples, eval_settings)
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(workdir, BACKUP_DIR),
                                          delete_checkpoint=False),
@@ -385,14 +432,21 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         PeriodicEvaluation(eval_every_epochs, score),
         keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
     ]
+    writer = None
+    if stage is not None and stage < method.stages:
+        pools = [("labelled", labelled),
+                 ("unlabelled", with_ground_truth(unlabelled, reader, train_split,
+                                                  settings["validate_data"]))]
+        writer = PseudoMaskWriter(os.path.join(workdir, PSEUDO_MASK_DIR), reader, pools,
+                                  num_classes, resize=settings["resize"],
+                                  progress=verbose == 1)
+        callbacks.append(writer)
     epochs = steps // steps_per_epoch
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
               callbacks=callbacks, verbose=verbose, shuffle=False)
 
     model.inference_network.save_weights(os.path.join(workdir, "model.weights.h5"))
-    print(f"kssl: evaluating on {eval_split}", flush=True)
+    print(f"kssl: evaluating on {eval_split}{stage_text}", flush=True)
     result = score(progress=verbose == 1)
     print(evaluation.format_iou_table(result, list(reader.info.class_names)), flush=True)
     result.update(
@@ -405,7 +459,124 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         eval_split=eval_split,
         seed=seed,
     )
+    if stage is not None:
+        result["stage"] = stage
+    if writer is not None:
+        result["pseudo_masks"] = writer.report
     with open(metrics_path, "w") as f:
+        json.dump(_jsonable(result), f, indent=2)
+    return result
+
+
+def concat_examples(first: Examples, second: Optional[Examples]) -> Examples:
+    """Both pools as one unlabelled list (masks dropped)."""
+    if second is None or len(second) == 0:
+        return first.without_masks()
+    return Examples(first.ids + second.ids, first.images + second.images, None,
+                    f"{first.source} + {second.source}")
+
+
+def with_ground_truth(pool: Examples, reader, train_split, check: bool) -> Examples:
+    """`pool` with its masks from the split when the split has one for every example (an
+    unlabelled pool of a fully annotated dataset, e.g. CamVid), so the pseudo-masks made
+    for it can be scored; otherwise `pool` as it is. The masks are validated first, so
+    a bad one fails now rather than when the pseudo-masks are written."""
+    split = reader.examples(train_split)
+    known = set(split.ids)
+    if not split.has_masks or not all(i in known for i in pool.ids):
+        return pool
+    scored = split.select(list(pool.ids))
+    if check:
+        validate.validate(reader, scored, with_masks=True, num_classes=reader.info.num_classes,
+                          what="unlabelled (ground truth to score pseudo-masks)")
+    return scored
+
+
+class PseudoMaskWriter(keras.callbacks.Callback):
+    """At the end of training, stores the model's `pseudo_mask_network` argmax on every
+    training image (see `kssl.data.pseudo_masks`) and reports their quality against the
+    ground truth where it exists. A set that is already complete is kept."""
+
+    def __init__(self, directory, reader, pools, num_classes, resize=None, progress=True):
+        super().__init__()
+        self.store = PseudoMaskStore(directory)
+        self.reader = reader
+        self.pools = pools
+        self.num_classes = num_classes
+        self.resize = resize
+        self.progress = progress
+        self.report = None
+
+    def on_train_end(self, logs=None):
+        if self.store.complete:
+            self.report = self.store.index.get("scores")
+            return
+        total = sum(len(examples) for _, examples in self.pools)
+        print(f"kssl: writing {total} pseudo-masks to {self.store.directory}", flush=True)
+        self.report = write_pseudo_masks(
+            self.store.directory, self.model.pseudo_mask_network, self.reader, self.pools,
+            self.num_classes, resize=self.resize, progress=self.progress)
+        scores = ", ".join(f"{name[:-len('_mean_iou')]} {100 * value:.1f}%"
+                           for name, value in self.report.items() if name.endswith("mean_iou"))
+        print(f"kssl: pseudo-mask mean IoU against the ground truth: {scores or 'no labels'}",
+              flush=True)
+
+
+def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
+    """Runs the stages of a staged method in turn, each a `train` run in its own gin scope
+    (`stage_N/...` bindings apply to stage N only) and directory `workdir/stage_N/`.
+
+    Stage N (after the first) trains on the pseudo-masks stage N-1 stored. A finished stage
+    (metrics.json written, so its pseudo-masks are complete) is not run again; an
+    interrupted one resumes from its last checkpoint. `start_stage` N skips the stages
+    before N (their pseudo-masks must be stored); with `overwrite`, only stages N.. are
+    discarded and retrained. Writes `workdir/metrics.json` (the
+    final stage's metrics plus a per-stage summary), `model.weights.h5` and `config.gin`, so
+    bin/evaluate, bin/export and bin/predict read `workdir` like any run.
+    """
+    stages = method.stages
+    first = 1
+    if start_stage is not None:
+        if not 1 <= int(start_stage) <= stages:
+            raise kssl_config.ConfigError(
+                f"train.start_stage must be in 1..{stages}, got {start_stage!r}")
+        first = int(start_stage)
+    if overwrite and first == 1:
+        remove_run(workdir)
+    elif overwrite:  # redo stages first.. and keep the pseudo-masks they start from
+        for stage in range(first, stages + 1):
+            remove_run(stage_dir(workdir, stage))
+        for name in ("metrics.json", "model.weights.h5", "config.gin"):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+    if first > 1:
+        store = PseudoMaskStore(os.path.join(stage_dir(workdir, first - 1), PSEUDO_MASK_DIR))
+        if not store.complete:
+            raise kssl_config.ConfigError(
+                f"--start_stage {first} needs the pseudo-masks of stage {first - 1} in "
+                f"{store.directory}, which are missing or incomplete")
+    os.makedirs(workdir, exist_ok=True)
+    summary, result = {}, None
+    for stage in range(first, stages + 1):
+        previous = (PseudoMaskStore(os.path.join(stage_dir(workdir, stage - 1),
+                                                 PSEUDO_MASK_DIR)) if stage > 1 else None)
+        print(f"kssl: {method.__name__} stage {stage} of {stages} in "
+              f"{stage_dir(workdir, stage)}", flush=True)
+        with gin.config_scope(f"stage_{stage}"):
+            result = train(stage_dir(workdir, stage), stage=stage, pseudo_masks=previous,
+                           overwrite=False)
+        summary[str(stage)] = {k: result.get(k) for k in
+                               ("mean_iou", "steps", "train_images_per_second",
+                                "train_seconds", "pseudo_masks")}
+    final = stage_dir(workdir, stages)
+    shutil.copyfile(os.path.join(final, "model.weights.h5"),
+                    os.path.join(workdir, "model.weights.h5"))
+    shutil.copyfile(os.path.join(final, "config.gin"), os.path.join(workdir, "config.gin"))
+    result = {**result, "stages": summary,
+              "train_seconds": sum(s["train_seconds"] or 0.0 for s in summary.values())}
+    result.pop("stage", None)
+    result.pop("pseudo_masks", None)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(_jsonable(result), f, indent=2)
     return result
 

@@ -13,11 +13,6 @@ from kssl.data.readers.base import DataError
 from kssl.methods import Supervised
 
 
-class UsesUnlabelled:
-    """Stands in for a semi-supervised method class: only the flag matters here."""
-    uses_unlabelled = True
-
-
 def write_png(path, array):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tf.io.write_file(path, tf.io.encode_png(array))
@@ -51,8 +46,8 @@ def test_separate_unlabelled_folder_becomes_the_pool(tmp_path):
                       "unlabelled.reader = @extra/folder()",
                       f"extra/folder.images_dir = '{tmp_path / 'extra'}'"])
     reader, split, _ = training.dataset_setup()
-    labelled, unlabelled, extra_reader = training.prepare_data(reader, split,
-                                                               UsesUnlabelled, settings())
+    labelled, unlabelled, extra_reader = training.prepare_data(reader, split, True,
+                                                               settings())
     assert len(labelled) == 4
     assert sorted(unlabelled.ids) == ["u0", "u1", "u2"]
     assert extra_reader is not None and extra_reader is not reader
@@ -61,7 +56,8 @@ def test_separate_unlabelled_folder_becomes_the_pool(tmp_path):
 def test_supervised_method_gets_no_unlabelled_stream():
     config.parse([], [SHAPES, "labels.count = 4"])
     reader, split, _ = training.dataset_setup()
-    labelled, unlabelled, _ = training.prepare_data(reader, split, Supervised, settings())
+    labelled, unlabelled, _ = training.prepare_data(reader, split,
+                                                    Supervised.uses_unlabelled, settings())
     assert len(labelled) == 4 and unlabelled is None
 
 
@@ -69,7 +65,7 @@ def test_empty_unlabelled_pool_fails_before_training():
     config.parse([], [SHAPES])  # no labels.* binding: every image is labelled
     reader, split, _ = training.dataset_setup()
     with pytest.raises(DataError, match="unlabelled pool .* is empty"):
-        training.prepare_data(reader, split, UsesUnlabelled, settings())
+        training.prepare_data(reader, split, True, settings())
 
 
 def test_bad_unlabelled_file_is_named_before_training(tmp_path):
@@ -79,7 +75,7 @@ def test_bad_unlabelled_file_is_named_before_training(tmp_path):
                       f"folder.images_dir = '{tmp_path / 'extra'}'"])
     reader, split, _ = training.dataset_setup()
     with pytest.raises(DataError, match="broken.png"):
-        training.prepare_data(reader, split, UsesUnlabelled, settings())
+        training.prepare_data(reader, split, True, settings())
 
 
 def test_poly_schedule_and_weight_decay_exclusions():

@@ -48,8 +48,33 @@ def machine_description() -> str:
     return f"{os.cpu_count()}-core {model}"
 
 
+def stage_summary(stages: dict) -> str:
+    """For a staged method: val mIoU after each stage, the pseudo-masks' mIoU on the
+    unlabelled pool, and each later stage's step time relative to stage 1's."""
+
+    def step_ms(stage):
+        seconds, steps = stage.get("train_seconds"), stage.get("steps")
+        return 1000 * seconds / (steps - 1) if seconds and steps and steps > 1 else None
+
+    order = sorted(stages, key=int)
+    val = " / ".join(f"{100 * stages[k]['mean_iou']:.1f}" for k in order)
+    parts = [f"val mIoU by stage {val}"]
+    pseudo = [(stages[k].get("pseudo_masks") or {}).get("unlabelled_mean_iou") for k in order]
+    if any(p is not None for p in pseudo):
+        parts.append("pseudo-mask mIoU on the unlabelled pool " + " / ".join(
+            f"{100 * p:.1f}" for p in pseudo if p is not None))
+    times = [step_ms(stages[k]) for k in order]
+    if times[0]:
+        parts.append("ms/step " + " / ".join("-" if t is None else f"{t:.0f}" for t in times)
+                     + " (" + " / ".join("-" if t is None else f"{t / times[0]:.2f}x"
+                                         for t in times) + ")")
+    return "; ".join(parts)
+
+
 def format_row(label, metrics, class_names, wall_seconds, command) -> str:
     """One markdown table row (see the header that `table_header` writes)."""
+    if metrics.get("stages"):
+        label = f"{label} ({stage_summary(metrics['stages'])})"
     per_class = metrics.get("per_class_iou") or {}
     classes = " ".join(
         f"{name[:4]} {100 * per_class[name]:.1f}" if per_class.get(name) is not None

@@ -1,4 +1,4 @@
-"""`bin/train --config F.gin [--gin_param 'x.y = z']... [--workdir DIR]`."""
+"""`bin/train --config F.gin [--gin_param 'x.y = z']... [--workdir DIR] [--start_stage N]`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ flags.DEFINE_multi_string("config", [], "Gin config file(s), parsed in order.")
 flags.DEFINE_multi_string("gin_param", [], "Gin binding(s), e.g. 'train.steps = 100'.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 flags.DEFINE_bool("overwrite", False, "Discard an earlier run in --workdir and start afresh.")
+flags.DEFINE_integer("start_stage", None, "Staged methods (ThreeStage): start at stage N from "
+                     "the pseudo-masks stage N-1 stored in --workdir.")
 FLAGS = flags.FLAGS
 
 
@@ -22,7 +24,8 @@ def main(argv):
 
     workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir)
     print(f"kssl: training into {workdir}", flush=True)
-    config.call_configured(training.train, workdir, overwrite=FLAGS.overwrite)
+    extra = {} if FLAGS.start_stage is None else {"start_stage": FLAGS.start_stage}
+    config.call_configured(training.train, workdir, overwrite=FLAGS.overwrite, **extra)
     print(f"kssl: done; metrics in {os.path.join(workdir, 'metrics.json')}", flush=True)
 
 

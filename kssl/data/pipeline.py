@@ -14,7 +14,7 @@ element so later stages can attach per-example data (stored pseudo-masks) by id.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -35,7 +35,8 @@ def _finalise(example: dict) -> dict:
 
 def augmented_stream(reader: Reader, examples: Examples, *, with_masks: bool, batch_size: int,
                      crop_size, scale_range=(0.5, 2.0), flip=True, resize=None,
-                     cache=False, seed=0, shuffle_buffer=None) -> tf.data.Dataset:
+                     cache=False, seed=0, shuffle_buffer=None,
+                     attach: Optional[Callable] = None) -> tf.data.Dataset:
     """An endless, shuffled, weakly augmented, batched stream of one pool of examples.
 
     Args:
@@ -51,6 +52,8 @@ def augmented_stream(reader: Reader, examples: Examples, *, with_masks: bool, ba
       cache: keep decoded (and resized) examples in memory after the first pass.
       seed: shuffling and augmentation seed.
       shuffle_buffer: defaults to the pool size (a full shuffle).
+      attach: optional `dataset -> dataset` adding per-example label maps by id (e.g.
+        `PseudoMaskStore.attach`) after resizing, so augmentation treats them like the mask.
     """
     if len(examples) == 0:
         what = "labelled" if with_masks else "unlabelled"
@@ -58,6 +61,8 @@ def augmented_stream(reader: Reader, examples: Examples, *, with_masks: bool, ba
     ds = reader.load(examples, with_masks=with_masks)
     if resize is not None:
         ds = ds.map(lambda e: transforms.resize(e, resize), num_parallel_calls=AUTOTUNE)
+    if attach is not None:
+        ds = attach(ds)
     if cache:
         ds = ds.cache()
     ds = ds.shuffle(shuffle_buffer or len(examples), seed=seed, reshuffle_each_iteration=True)
@@ -82,7 +87,7 @@ def train_dataset(reader: Reader, labelled: Examples, unlabelled: Optional[Examp
 
     `unlabelled_reader` decodes the unlabelled pool when it comes from elsewhere (e.g. a
     folder of extra images); by default `reader` decodes both. `stream_args` go to
-    `augmented_stream` (crop_size, scale_range, flip, resize, cache).
+    `augmented_stream` (crop_size, scale_range, flip, resize, cache, attach).
     """
     labelled_ds = augmented_stream(reader, labelled, with_masks=True, batch_size=batch_size,
                                    seed=seed, **stream_args)

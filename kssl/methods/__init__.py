@@ -4,5 +4,7 @@ from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.methods.classmix import ClassMix
 from kssl.methods.ema import EMATeacher
 from kssl.methods.supervised import Supervised
+from kssl.methods.threestage import ThreeStage
 
-__all__ = ["ClassMix", "EMATeacher", "SegmentationMethod", "Supervised", "unpack_batch"]
+__all__ = ["ClassMix", "EMATeacher", "SegmentationMethod", "Supervised", "ThreeStage",
+           "unpack_batch"]

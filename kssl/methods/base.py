@@ -56,6 +56,7 @@ class SegmentationMethod(keras.Model):
         Keras model from float images [B, H, W, 3] to logits [B, H, W, C]).
       num_classes: number of classes.
       ignore_label: label value no loss or metric counts.
+      tracked_losses: the names `report` takes (default: the class's `tracked_losses`).
     Subclasses create their other sub-networks (teachers, branches) before calling
     `self.build_networks()`, list every loss they report in `tracked_losses`, and implement
     `train_step`.
@@ -65,12 +66,14 @@ class SegmentationMethod(keras.Model):
     uses_unlabelled = True  # whether train_step reads an unlabelled batch
 
     def __init__(self, segmenter: keras.Model, num_classes: int,
-                 ignore_label: int = IGNORE_LABEL, **kwargs):
+                 ignore_label: int = IGNORE_LABEL, tracked_losses=None, **kwargs):
         super().__init__(**kwargs)
         self.segmenter = segmenter
         self.num_classes = num_classes
         self.ignore_label = ignore_label
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.tracked_losses}
+        # A method whose losses depend on its settings passes its own list.
+        names = tuple(tracked_losses or self.tracked_losses)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self.confusion = ConfusionMatrix(num_classes, ignore_label=ignore_label,
                                          name="mean_iou")
 

@@ -37,6 +37,22 @@ def ema_decay(step, max_decay: float = 0.99, warmup: bool = True) -> tf.Tensor:
     return tf.minimum(1.0 - 1.0 / (step + 1.0), max_decay)
 
 
+def stepwise_decay(step, boundaries, values) -> tf.Tensor:
+    """A piecewise-constant decay: values[i] for boundaries[i-1] <= step < boundaries[i].
+
+    The three-stage code's schedule by 1000-step epoch is boundaries (20000, 40000, 50000)
+    and values (0.99, 0.995, 0.9975, 0.999).
+    """
+    if len(values) != len(boundaries) + 1:
+        raise ValueError(f"a stepwise decay needs one more value than boundaries, got "
+                         f"{len(values)} values and {len(boundaries)} boundaries")
+    if list(boundaries) != sorted(boundaries):
+        raise ValueError(f"decay boundaries must increase, got {list(boundaries)}")
+    index = tf.searchsorted(tf.constant(boundaries, tf.int64),
+                            tf.reshape(tf.cast(step, tf.int64), [1]), side="right")[0]
+    return tf.gather(tf.constant(values, tf.float32), index)
+
+
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     return layer.__class__.from_config(layer.get_config())
 

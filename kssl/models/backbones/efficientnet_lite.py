@@ -191,8 +191,9 @@ class LiteStage(keras.layers.Layer):
 
     def __init__(self, indices: Sequence[int], strides: Sequence[int],
                  dilation_rates: Sequence[int], with_stem: bool = False, norm: str = "batch",
-                 bn_momentum: float = 0.99, **kwargs):
+                 bn_momentum: float = 0.99, width: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        self.width = float(width)
         self.indices = tuple(int(i) for i in indices)
         self.unit_strides = tuple(int(s) for s in strides)
         self.dilation_rates = tuple(int(r) for r in dilation_rates)
@@ -204,11 +205,16 @@ class LiteStage(keras.layers.Layer):
             self.conv_stem = _conv(STEM_CHANNELS, 3, "conv_stem", strides=2)
             self.bn0 = make_norm(norm, "bn0", epsilon=BN_EPSILON, momentum=bn_momentum)
         self.units = []
+        filters_in = None  # the first unit reads the previous block's (unscaled) output
         for i, stride, rate in zip(self.indices, self.unit_strides, self.dilation_rates):
             spec = {**specs[i], "strides": stride}
+            if self.width != 1.0:
+                spec["filters_in"] = filters_in or spec["filters_in"]
+                spec["filters_out"] = max(1, round(spec["filters_out"] * self.width))
+            filters_in = spec["filters_out"]
             self.units.append(MBConv(**spec, dilation_rate=rate, norm=norm,
                                      bn_momentum=bn_momentum, name=f"block{i}"))
-        self.filters_out = specs[self.indices[-1]]["filters_out"]
+        self.filters_out = self.units[-1].filters_out
 
     def build(self, input_shape):
         if self.with_stem:
@@ -231,10 +237,22 @@ class LiteStage(keras.layers.Layer):
         spatial = [None if d is None else -(-d // stride) for d in input_shape[1:3]]
         return (input_shape[0], *spatial, self.filters_out)
 
+    @property
+    def output_channels(self) -> int:
+        return self.filters_out
+
+    def width_scaled(self, factor: float, name: str) -> "LiteStage":
+        """A fresh stage like this one whose units have `factor` times the channels (a
+        new layer: pretrained Lite0 weights do not fit it)."""
+        if self.with_stem:
+            raise ValueError("the stem block of EfficientNet-Lite0 cannot be width-scaled")
+        return LiteStage(self.indices, self.unit_strides, self.dilation_rates, norm=self.norm,
+                         bn_momentum=self.bn_momentum, width=self.width * factor, name=name)
+
     def get_config(self):
         return {**super().get_config(), "indices": self.indices, "strides": self.unit_strides,
                 "dilation_rates": self.dilation_rates, "with_stem": self.with_stem,
-                "norm": self.norm, "bn_momentum": self.bn_momentum}
+                "norm": self.norm, "bn_momentum": self.bn_momentum, "width": self.width}
 
 
 @keras.saving.register_keras_serializable(package="kssl")

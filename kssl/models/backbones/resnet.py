@@ -257,6 +257,18 @@ class ResNetStage(keras.layers.Layer):
             x = unit(x, training=training)
         return x
 
+    @property
+    def output_channels(self) -> int:
+        return 4 * self.filters
+
+    def width_scaled(self, factor: float, name: str) -> "ResNetStage":
+        """A fresh stage like this one with `factor` times the channels (same depth,
+        stride, dilation and norm); the first unit's shortcut conv adapts the input."""
+        return ResNetStage(self.index, self.depth, max(1, round(self.filters * factor)),
+                           strides=self.strides, dilation_rate=self.dilation_rate,
+                           norm=self.norm, bn_momentum=self.bn_momentum,
+                           stride_on=self.stride_on, name=name)
+
     def get_config(self):
         return {**super().get_config(), "index": self.index, "depth": self.depth,
                 "filters": self.filters, "strides": self.strides,

@@ -57,6 +57,16 @@ class SmallStage(keras.layers.Layer):
             x = x + unit(x, training=training)
         return x
 
+    @property
+    def output_channels(self) -> int:
+        return self.filters
+
+    def width_scaled(self, factor: float, name: str) -> "SmallStage":
+        """A fresh stage like this one with `factor` times the channels."""
+        return SmallStage(max(1, round(self.filters * factor)), self.depth,
+                          strides=self.strides, dilation_rate=self.dilation_rate,
+                          norm=self.norm, bn_momentum=self.bn_momentum, name=name)
+
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "depth": self.depth,
                 "strides": self.strides, "dilation_rate": self.dilation_rate,

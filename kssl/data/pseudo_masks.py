@@ -1,0 +1,163 @@
+"""Stored pseudo-masks: class-id maps written by one training stage, read by the next.
+
+A store is a folder of 8-bit greyscale PNGs (one class id per pixel) plus `index.json`,
+which maps each example id to its file. Ids are the pipeline's stable example ids, so any
+id (with slashes, spaces, ...) works; files are numbered.
+
+Writing is atomic: files go to `<folder>.partial/`, the index is written last, and the
+folder is renamed into place. A folder that exists with its index is complete; a crash
+leaves at most a `.partial` folder, which the next attempt clears.
+
+Pseudo-masks are made at the resolution the training pipeline loads images at (after
+`pipeline.resize`), from full, un-cropped images, so the next stage's pipeline can attach
+each one by id before cropping, scaling and flipping it together with its image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kssl import evaluation
+from kssl.data import transforms
+from kssl.data.examples import Examples
+from kssl.data.readers.base import DataError, Reader
+
+INDEX = "index.json"
+KEY = "pseudo_mask"  # the example key the pipeline attaches a stored mask under
+
+
+class PseudoMaskStore:
+    """A folder of stored pseudo-masks (see the module docstring)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._index = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole set was written (the index exists)."""
+        return os.path.exists(os.path.join(self.directory, INDEX))
+
+    @property
+    def index(self) -> dict:
+        """The parsed index.json: {"ids": [...], "files": [...], "num_classes": C, ...}."""
+        if self._index is None:
+            if not self.complete:
+                raise DataError(f"no complete pseudo-mask set in {self.directory} "
+                                f"({INDEX} is missing)")
+            with open(os.path.join(self.directory, INDEX)) as f:
+                self._index = json.load(f)
+        return self._index
+
+    @property
+    def ids(self) -> list:
+        return list(self.index["ids"])
+
+    def check_covers(self, examples: Examples, what: str) -> None:
+        """Fails, naming a few ids, when any of `examples` has no stored mask."""
+        stored = set(self.index["ids"])
+        missing = [i for i in examples.ids if i not in stored]
+        if missing:
+            raise DataError(f"{len(missing)} {what} example(s) have no pseudo-mask in "
+                            f"{self.directory}: {missing[:5]}")
+
+    def attach(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """Adds the stored mask of each element's id as uint8 [H, W] under `KEY`."""
+        index = self.index
+        paths = [os.path.join(self.directory, name) for name in index["files"]]
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(index["ids"]), tf.constant(paths)),
+            default_value="")
+
+        def add(example):
+            path = table.lookup(example["id"])
+            found = tf.debugging.assert_greater(
+                tf.strings.length(path), 0,
+                message=f"an example id has no pseudo-mask in {self.directory}")
+            with tf.control_dependencies([found]):
+                mask = tf.io.decode_png(tf.io.read_file(path), channels=1)[..., 0]
+            return {**example, KEY: mask}
+
+        return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _same_size_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches of equal-size images (no padding, which would change predictions)."""
+
+    def size_key(example):
+        shape = tf.shape(example["image"], out_type=tf.int64)
+        return shape[0] * 100_000 + shape[1]
+
+    return ds.group_by_window(size_key, lambda _, window: window.batch(batch_size),
+                              window_size=batch_size)
+
+
+def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
+                       pools: Sequence[tuple], num_classes: int,
+                       resize: Optional[Sequence[int]] = None, batch_size: int = 8,
+                       progress: bool = True) -> dict:
+    """Predicts and stores the argmax of `network` on every example of `pools`.
+
+    Args:
+      directory: the store's folder (must not hold a complete set already).
+      network: images [B, H, W, 3] in [0, 255] -> logits [B, H, W, C].
+      reader: decodes the examples.
+      pools: (name, Examples) pairs, e.g. ("labelled", ...), ("unlabelled", ...); a pool
+        whose examples all have ground-truth masks gets its pseudo-masks scored.
+      resize: the training pipeline's `resize`, so masks match the images it loads.
+    Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...} for each scored pool
+    (pseudo-mask against ground truth at the stored resolution) and "num_masks".
+    """
+    all_ids = [i for _, examples in pools for i in examples.ids]
+    if len(set(all_ids)) != len(all_ids):
+        raise DataError("pseudo-masks: the pools share example ids; each id must be unique")
+    partial = directory.rstrip("/") + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    predict = tf.function(
+        lambda images: tf.argmax(network(images, training=False), axis=-1,
+                                 output_type=tf.int32),
+        reduce_retracing=True)
+    total = sum(len(examples) for _, examples in pools)
+    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    ids, files, report = [], [], {}
+    for name, examples in pools:
+        scored = examples.has_masks
+        ds = reader.load(examples, with_masks=scored)
+        if resize is not None:
+            ds = ds.map(lambda e: transforms.resize(e, resize),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        confusion = np.zeros((num_classes, num_classes), np.int64)
+        for batch in _same_size_batches(ds, batch_size).prefetch(tf.data.AUTOTUNE):
+            labels = predict(tf.cast(batch["image"], tf.float32)).numpy().astype(np.uint8)
+            for k, example_id in enumerate(batch["id"].numpy()):
+                file_name = f"{len(ids):06d}.png"
+                png = tf.io.encode_png(labels[k][..., None])
+                tf.io.write_file(os.path.join(partial, file_name), png)
+                ids.append(example_id.decode())
+                files.append(file_name)
+            if scored:
+                confusion += evaluation.confusion_from_labels(batch["mask"].numpy(), labels,
+                                                              num_classes)
+            if bar is not None:
+                bar.add(len(labels))
+        if scored:
+            report[f"{name}_mean_iou"] = evaluation.mean_iou_from_confusion(confusion)
+            report[f"{name}_pixel_accuracy"] = evaluation.pixel_accuracy_from_confusion(
+                confusion)
+    report["num_masks"] = len(ids)
+    with open(os.path.join(partial, INDEX), "w") as f:
+        json.dump({"ids": ids, "files": files, "num_classes": num_classes,
+                   "resize": None if resize is None else list(resize), "scores": report}, f)
+    if os.path.exists(directory):  # an incomplete leftover without an index
+        shutil.rmtree(directory)
+    os.replace(partial, directory)
+    return report

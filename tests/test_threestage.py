@@ -1,0 +1,359 @@
+"""Three-stage self-training: branches, losses, pseudo-masks, the stage driver, distribution."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, models, optimizers, training
+from kssl.augment import randaugment
+from kssl.data import pipeline
+from kssl.data.examples import IGNORE_LABEL, Examples
+from kssl.data.pseudo_masks import KEY, PseudoMaskStore, write_pseudo_masks
+from kssl.data.readers.shapes import Shapes
+from kssl.methods import ThreeStage, ema
+from kssl.models import branches
+from tiny import TINY_SHAPES_CONFIG
+
+NUM_CLASSES = 3
+
+
+def small_segmenter(seed=0, norm="batch", backbone="small"):
+    keras.utils.set_random_seed(seed)
+    head_norm = "sync_batch" if norm == "sync_batch" else None
+    return models.build_segmenter("deeplabv3plus", backbone, num_classes=NUM_CLASSES,
+                                  norm=norm, head_norm=head_norm, aspp_channels=8,
+                                  low_level_channels=4, decoder_channels=8, separable=True,
+                                  dropout=0.0)
+
+
+def variable_ids(layers):
+    return {id(v) for layer in layers for v in layer.weights}
+
+
+# -- the multi-task network ---------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["small", "efficientnet_lite0", "resnet50"])
+def test_branches_share_exactly_the_right_blocks(backbone):
+    segmenter = small_segmenter(backbone=backbone)
+    specs = segmenter.block_specs
+    stage2 = branches.auxiliary_branch(segmenter, "last_block", NUM_CLASSES + 1)
+    stage3 = branches.auxiliary_branch(segmenter, "head", NUM_CLASSES + 1)
+    for branch, shared in [(stage2, len(specs) - 1), (stage3, len(specs))]:
+        assert branch.shared_blocks == shared
+        for own, theirs in zip(branch.block_layers[:shared], segmenter.block_layers[:shared]):
+            assert own is theirs
+        # Nothing beyond the shared blocks is shared: not the copied block, not the head.
+        own_ids = variable_ids(branch.block_layers[shared:] + [branch.head])
+        assert not own_ids & variable_ids(segmenter.block_layers + [segmenter.head])
+        assert branch.head.num_classes == NUM_CLASSES + 1
+    # The stage-2 branch's last block is a half-width copy.
+    last = specs[-1]
+    copy = stage2.block_specs[-1]
+    assert copy.name == last.name and copy.stride == last.stride
+    assert copy.channels == last.channels // 2 or (backbone == "efficientnet_lite0"
+                                                   and copy.channels == 160)
+    images = tf.zeros((1, 32, 32, 3))
+    assert stage2(images).shape == (1, 32, 32, NUM_CLASSES + 1)
+    assert stage3(images).shape == (1, 32, 32, NUM_CLASSES + 1)
+
+
+def test_resnet_half_width_branch_matches_the_released_layout():
+    segmenter = small_segmenter(backbone="resnet50")
+    branch = branches.auxiliary_branch(segmenter, "last_block", NUM_CLASSES + 1)
+    stage = branch.block_layers[-1]
+    # conv5 at half width: bottleneck inner 256, output 1024, the same depth and dilation.
+    assert stage.filters == 256 and stage.output_channels == 1024
+    assert stage.depth == segmenter.block_layers[-1].depth
+    assert stage.dilation_rate == segmenter.block_layers[-1].dilation_rate
+    assert branch.block_specs[-1].channels == 1024
+
+
+def test_gradient_routing_between_the_heads():
+    model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, strong_augment=False, seed=0)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (2, 32, 32, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, (2, 32, 32)), tf.int32)
+    main_head = model.segmenter.head.trainable_variables
+    aux_own = (model.auxiliary.head.trainable_variables
+               + model.auxiliary.block_layers[-1].trainable_variables)
+    with tf.GradientTape(persistent=True) as tape:
+        main, aux = model.student_outputs(images, training=True)
+        seg_con = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, main, from_logits=True))
+        pl = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            labels, aux, from_logits=True))
+    assert all(g is None for g in tape.gradient(pl, main_head))
+    assert all(g is None for g in tape.gradient(seg_con, aux_own))
+    assert all(g is not None for g in tape.gradient(pl, aux_own))
+    assert all(g is not None for g in tape.gradient(seg_con, main_head))
+    # The shared trunk learns from both.
+    trunk = model.segmenter.block_layers[0].trainable_variables
+    assert all(g is not None for g in tape.gradient(pl, trunk))
+
+
+def test_teacher_decay_schedule_by_step():
+    boundaries, values = (20000, 40000, 50000), (0.99, 0.995, 0.9975, 0.999)
+    for step, expected in [(0, 0.99), (19999, 0.99), (20000, 0.995), (39999, 0.995),
+                           (40000, 0.9975), (50000, 0.999), (59999, 0.999)]:
+        got = float(ema.stepwise_decay(tf.constant(step, tf.int64), boundaries, values))
+        assert got == pytest.approx(expected), step
+    with pytest.raises(ValueError, match="one more value"):
+        ema.stepwise_decay(0, (10,), (0.9,))
+
+
+def test_backbone_learning_rate_multiplier():
+    model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, strong_augment=False,
+                       backbone_lr_multiplier=0.1, seed=0)
+    model.compile(optimizer=training.build_optimizer(10, name="sgd", learning_rate=1.0,
+                                                     momentum=0.0, weight_decay=0.0,
+                                                     schedule="constant"))
+    model.optimizer.build(model.optimized_variables())
+    backbone = model.segmenter.block_layers[0].trainable_variables[0]
+    head = model.segmenter.head.trainable_variables[0]
+    before = [backbone.numpy(), head.numpy()]
+    grads = [tf.ones_like(backbone), tf.ones_like(head)]
+    model.optimizer.apply(grads, [backbone, head])
+    np.testing.assert_allclose(before[0] - backbone.numpy(), 0.1, rtol=1e-5)
+    np.testing.assert_allclose(before[1] - head.numpy(), 1.0, rtol=1e-5)
+
+
+# -- one training step --------------------------------------------------------------------
+def flip_augment(images, seed):
+    """A strong view whose geometric part is a left-right flip: coords say so."""
+    del seed
+    batch, height, width = images.shape[0], images.shape[1], images.shape[2]
+    coords = randaugment.identity_coords(batch, height, width)
+    return tf.reverse(images, [2]) + 1.0, tf.reverse(coords, [2])
+
+
+def stage_batch(rng, num_l=2, num_u=2, size=(16, 16)):
+    image = lambda n: tf.constant(rng.uniform(0, 255, (n, *size, 3)), tf.float32)
+    label = lambda n: tf.constant(rng.integers(0, NUM_CLASSES, (n, *size)), tf.int32)
+    masks = label(num_l).numpy()
+    masks[:, 0, :3] = IGNORE_LABEL
+    labelled = {"image": image(num_l), "mask": tf.constant(masks), KEY: label(num_l)}
+    unlabelled = {"image": image(num_u), KEY: label(num_u)}
+    return labelled, unlabelled
+
+
+def numpy_ce(logits, labels):
+    logits = logits.astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = labels != IGNORE_LABEL
+    picked = np.take_along_axis(log_probs, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    return -(picked * valid).sum() / valid.sum()
+
+
+def test_stage2_losses_match_a_hand_computation():
+    model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, strong_augment=flip_augment,
+                       seg_weight=1.0, con_weight=0.25, pl_weight=0.5, seed=0)
+    model.compile(optimizer=optimizers.SGD(0.0))
+    labelled, unlabelled = stage_batch(np.random.default_rng(1))
+    # Independent computation with the weights before the step.
+    x_l, x_u = labelled["image"].numpy(), unlabelled["image"].numpy()
+    teacher = np.argmax(model.teacher(np.concatenate([x_l, x_u]), training=False), -1)
+    strong_u = x_u[:, :, ::-1] + 1.0
+    student_in = np.concatenate([x_l, strong_u])
+    main, aux = [t.numpy() for t in model.student_outputs(student_in, training=True)]
+    con_targets = np.concatenate([teacher[:2], teacher[2:, :, ::-1]])
+    pl_targets = np.concatenate([labelled[KEY].numpy(), unlabelled[KEY].numpy()[:, :, ::-1]])
+    seg = numpy_ce(main[:2], labelled["mask"].numpy())
+    con = numpy_ce(main, con_targets)
+    pl = numpy_ce(aux, pl_targets)
+    assert aux.shape[-1] == NUM_CLASSES + 1  # the released code's placeholder class
+
+    logs = model.train_step((labelled, unlabelled))
+    assert float(logs["segmentation_loss"]) == pytest.approx(seg, rel=1e-4)
+    assert float(logs["consistency_loss"]) == pytest.approx(con, rel=1e-4)
+    assert float(logs["pseudo_mask_loss"]) == pytest.approx(pl, rel=1e-4)
+    assert float(logs["loss"]) == pytest.approx(seg + 0.25 * con + 0.5 * pl, rel=1e-4)
+
+
+def test_each_teacher_follows_its_student_by_the_schedule():
+    model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=3, strong_augment=False,
+                       ema_boundaries=(1,), ema_decays=(0.5, 0.9), seed=0)
+    model.compile(optimizer=optimizers.SGD(0.5))
+    rng = np.random.default_rng(2)
+    kernel = lambda net: net.head.trainable_variables[0].numpy()
+    for step, decay in [(0, 0.5), (1, 0.9)]:
+        teacher_before = kernel(model.teacher)
+        model.train_step(stage_batch(rng))
+        np.testing.assert_allclose(
+            kernel(model.teacher),
+            decay * teacher_before + (1 - decay) * kernel(model.segmenter), rtol=1e-5,
+            atol=1e-7)
+    # The auxiliary head has no teacher copy and is trained; the inference network is the
+    # teacher (the released code), the pseudo-mask network too.
+    assert model.inference_network is model.teacher
+    assert model.pseudo_mask_network is model.teacher
+
+
+# -- pseudo-masks -------------------------------------------------------------------------
+def shapes_reader():
+    return Shapes(num_train=6, num_val=2, height=32, width=40)
+
+
+def test_pseudo_masks_round_trip_by_id_through_scale_crop_and_flip(tmp_path):
+    reader = shapes_reader()
+    examples = reader.examples("train")
+    # Store each example's ground truth as its "pseudo-mask": after augmentation the
+    # attached map must equal the mask everywhere (the same nearest-neighbour ops, the same
+    # ignore padding), and a mix-up of ids would show as a mismatch.
+    target = tmp_path / "masks"
+    os.makedirs(target)
+    files = []
+    for k, element in enumerate(reader.load(examples)):
+        files.append(f"{k}.png")
+        tf.io.write_file(str(target / files[-1]), tf.io.encode_png(element["mask"][..., None]))
+    with open(target / "index.json", "w") as f:
+        json.dump({"ids": list(examples.ids), "files": files, "num_classes": 7}, f)
+    store = PseudoMaskStore(str(target))
+    ds = pipeline.augmented_stream(reader, examples, with_masks=True, batch_size=3,
+                                   crop_size=(28, 44), scale_range=(0.6, 1.7), flip=True,
+                                   seed=3, attach=store.attach)
+    padded = 0
+    for batch in ds.take(6):
+        np.testing.assert_array_equal(batch[KEY].numpy(), batch["mask"].numpy())
+        padded += int((batch[KEY].numpy() == IGNORE_LABEL).sum())
+    assert padded > 0  # some crops were padded (width 44 > 40), and padding is ignore
+
+
+def test_a_missing_pseudo_mask_is_named(tmp_path):
+    target = tmp_path / "masks"
+    os.makedirs(target)
+    with open(target / "index.json", "w") as f:
+        json.dump({"ids": ["train/00000"], "files": ["0.png"], "num_classes": 7}, f)
+    store = PseudoMaskStore(str(target))
+    with pytest.raises(Exception, match="2 training example"):
+        store.check_covers(Examples(("train/00000", "a", "b"), ("0", "1", "2")), "training")
+    assert not PseudoMaskStore(str(tmp_path / "absent")).complete
+
+
+def test_writing_under_two_replicas_stores_each_example_once(tmp_path, two_replicas):
+    reader = shapes_reader()
+    examples = reader.examples("train")
+    labelled, unlabelled = examples.select(examples.ids[:2]), examples.select(examples.ids[2:])
+    with two_replicas.scope():
+        network = small_segmenter(norm="sync_batch")
+    report = write_pseudo_masks(str(tmp_path / "pl"), network, reader,
+                                [("labelled", labelled), ("unlabelled", unlabelled)],
+                                num_classes=7, resize=(12, 16), progress=False)
+    store = PseudoMaskStore(str(tmp_path / "pl"))
+    assert store.complete and sorted(store.ids) == sorted(examples.ids)
+    assert len(os.listdir(tmp_path / "pl")) == len(examples) + 1  # the masks + index.json
+    assert not os.path.exists(str(tmp_path / "pl") + ".partial")
+    # Each stored mask is the network's argmax at the training resolution.
+    images = tf.image.resize(
+        tf.cast(next(iter(reader.load(examples.select([store.ids[0]]), False).batch(1)))
+                ["image"], tf.float32), (12, 16))
+    expected = np.argmax(network(images), -1)[0]
+    first = store.index["files"][0]
+    stored = tf.io.decode_png(tf.io.read_file(str(tmp_path / "pl" / first)))[..., 0].numpy()
+    np.testing.assert_array_equal(stored, expected)
+    assert set(report) >= {"labelled_mean_iou", "unlabelled_mean_iou", "num_masks"}
+
+
+# -- distribution -------------------------------------------------------------------------
+def stage2_run(strategy, batches):
+    with strategy.scope():
+        model = ThreeStage(small_segmenter(seed=4, norm="sync_batch"), NUM_CLASSES, stage=2,
+                           seed=0, backbone_lr_multiplier=0.5)
+        model.compile(optimizer=optimizers.SGD(0.1, momentum=0.9))
+    ds = tf.data.Dataset.from_tensor_slices(batches).batch(4)
+    ds = tf.data.Dataset.zip(ds.map(lambda b: {k[2:]: v for k, v in b.items()
+                                               if k.startswith("l_")}),
+                             ds.map(lambda b: {k[2:]: v for k, v in b.items()
+                                               if k.startswith("u_")}))
+    model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+    return model
+
+
+def test_two_stage2_steps_same_weights_on_one_and_two_replicas(two_replicas):
+    rng = np.random.default_rng(5)
+    n, size = 8, (24, 24)
+    batches = {
+        "l_image": rng.uniform(0, 255, (n, *size, 3)).astype(np.float32),
+        "l_mask": rng.integers(0, NUM_CLASSES, (n, *size)).astype(np.int32),
+        f"l_{KEY}": rng.integers(0, NUM_CLASSES, (n, *size)).astype(np.int32),
+        "u_image": rng.uniform(0, 255, (n, *size, 3)).astype(np.float32),
+        f"u_{KEY}": rng.integers(0, NUM_CLASSES, (n, *size)).astype(np.int32),
+    }
+    one = stage2_run(tf.distribute.get_strategy(), batches)
+    two = stage2_run(two_replicas, batches)
+    for network in ("segmenter", "auxiliary", "teacher"):
+        a, b = getattr(one, network).weights, getattr(two, network).weights
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{network} {x.path}")
+    # The teacher is identical on both replicas.
+    for variable in two.teacher.weights:
+        copies = two_replicas.experimental_local_results(variable.value)
+        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+
+
+# -- the stage driver ---------------------------------------------------------------------
+STAGED = TINY_SHAPES_CONFIG + """
+train.method = @ThreeStage
+train.steps = 4
+train.steps_per_epoch = 2
+stage_1/train.steps = 2
+pipeline.unlabelled_batch_size = 4
+ThreeStage.backbone_lr_multiplier = 1.0
+ThreeStage.seed = 0
+"""
+
+
+def test_three_stages_run_in_turn_and_resume_after_a_crash(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    config.parse([], [STAGED])
+    calls = []
+    original = training.write_pseudo_masks
+    fit = ThreeStage.fit
+
+    def crash_in_stage_3(self, *args, **kwargs):
+        if self.stage == 3:
+            raise RuntimeError("simulated crash")
+        return fit(self, *args, **kwargs)
+
+    def counting_writer(directory, *args, **kwargs):
+        calls.append(os.path.basename(os.path.dirname(directory)))
+        return original(directory, *args, **kwargs)
+
+    monkeypatch.setattr(training, "write_pseudo_masks", counting_writer)
+    monkeypatch.setattr(ThreeStage, "fit", crash_in_stage_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train(workdir)
+    assert calls == ["stage_1", "stage_2"]
+    for stage in (1, 2):
+        assert PseudoMaskStore(os.path.join(workdir, f"stage_{stage}", "pseudo_masks")).complete
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+
+    # Resuming runs stage 3 only: the finished stages and their pseudo-masks are kept.
+    monkeypatch.setattr(ThreeStage, "fit", fit)
+    result = training.train(workdir)
+    assert calls == ["stage_1", "stage_2"]
+    assert sorted(result["stages"]) == ["1", "2", "3"]
+    assert result["stages"]["1"]["steps"] == 2 and result["stages"]["3"]["steps"] == 4
+    assert result["stages"]["1"]["pseudo_masks"]["num_masks"] == 24
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        assert json.load(f)["mean_iou"] == pytest.approx(result["mean_iou"])
+    # The top-level run is a finished run for bin/evaluate: config and final weights.
+    for name in ("config.gin", "model.weights.h5"):
+        assert os.path.exists(os.path.join(workdir, name))
+
+    # --start_stage 3 --overwrite retrains stage 3 alone from the stored stage-2 masks.
+    config.parse([], [STAGED])
+    stage_3_weights = os.path.join(workdir, "stage_3", "model.weights.h5")
+    os.utime(stage_3_weights, (0, 0))
+    result = training.train(workdir, start_stage=3, overwrite=True)
+    assert os.path.getmtime(stage_3_weights) > 0
+    assert sorted(result["stages"]) == ["3"] and calls == ["stage_1", "stage_2"]
+
+
+def test_start_stage_without_stored_pseudo_masks_fails_first(tmp_path):
+    config.parse([], [STAGED])
+    with pytest.raises(config.ConfigError, match="pseudo-masks of stage 1"):
+        training.train(str(tmp_path / "run"), start_stage=2)
