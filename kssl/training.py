@@ -277,8 +277,8 @@ def scorer(network, reader, examples, settings):
 
 BACKUP_DIR = "backup"
 PSEUDO_MASK_DIR = "pseudo_masks"
-RUN_FILES = ("config.gin", "metrics.json", "model.weights.h5", BACKUP_DIR, "logs",
-             PSEUDO_MASK_DIR, PSEUDO_MASK_DIR + ".partial")
+RUN_FILES = ("config.gin", "metrics.json", "metrics.json.partial", "model.weights.h5",
+             BACKUP_DIR, "logs", PSEUDO_MASK_DIR, PSEUDO_MASK_DIR + ".partial")
 
 
 def stage_dir(workdir: str, stage: int) -> str:
@@ -383,6 +383,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
             # pseudo-mask (the labelled sub-batch carries its pseudo-mask too).
             training_pool = concat_examples(labelled, unlabelled)
             if pseudo_masks is not None:
+                pseudo_masks.check_matches(num_classes, settings["resize"])
                 pseudo_masks.check_covers(training_pool, "training")
 
     eval_examples = reader.examples(eval_split)
@@ -452,6 +453,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     result.update(
         train_images_per_second=meter.images_per_second,
         train_seconds=meter.seconds,
+        timed_steps=meter.steps,  # the steps train_seconds covers (this process's, less one)
         steps=int(model.optimizer.iterations.numpy()),
         method=method.__name__,
         labelled_images=len(labelled),
@@ -463,9 +465,16 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         result["stage"] = stage
     if writer is not None:
         result["pseudo_masks"] = writer.report
-    with open(metrics_path, "w") as f:
-        json.dump(_jsonable(result), f, indent=2)
+    write_json(metrics_path, result)
     return result
+
+
+def write_json(path: str, values: dict) -> None:
+    """Writes strict JSON atomically: a run is finished when its metrics.json exists, so
+    the file must never be seen half-written."""
+    with open(path + ".partial", "w") as f:
+        json.dump(_jsonable(values), f, indent=2)
+    os.replace(path + ".partial", path)
 
 
 def concat_examples(first: Examples, second: Optional[Examples]) -> Examples:
@@ -556,18 +565,29 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
                 f"--start_stage {first} needs the pseudo-masks of stage {first - 1} in "
                 f"{store.directory}, which are missing or incomplete")
     os.makedirs(workdir, exist_ok=True)
-    summary, result = {}, None
+    result = None
     for stage in range(first, stages + 1):
         previous = (PseudoMaskStore(os.path.join(stage_dir(workdir, stage - 1),
                                                  PSEUDO_MASK_DIR)) if stage > 1 else None)
-        print(f"kssl: {method.__name__} stage {stage} of {stages} in "
-              f"{stage_dir(workdir, stage)}", flush=True)
+        where = stage_dir(workdir, stage)
+        if os.path.exists(os.path.join(where, "metrics.json")):
+            print(f"kssl: {method.__name__} stage {stage} of {stages} already finished in "
+                  f"{where} (--overwrite --start_stage {stage} retrains it)", flush=True)
+        else:
+            print(f"kssl: {method.__name__} stage {stage} of {stages} in {where}", flush=True)
         with gin.config_scope(f"stage_{stage}"):
-            result = train(stage_dir(workdir, stage), stage=stage, pseudo_masks=previous,
-                           overwrite=False)
-        summary[str(stage)] = {k: result.get(k) for k in
-                               ("mean_iou", "steps", "train_images_per_second",
-                                "train_seconds", "pseudo_masks")}
+            result = train(where, stage=stage, pseudo_masks=previous, overwrite=False)
+    # Every stage that has run in this directory, also those before --start_stage.
+    summary = {}
+    for stage in range(1, stages + 1):
+        path = os.path.join(stage_dir(workdir, stage), "metrics.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                metrics = json.load(f)
+            summary[str(stage)] = {k: metrics.get(k) for k in
+                                   ("mean_iou", "steps", "timed_steps",
+                                    "train_images_per_second", "train_seconds",
+                                    "pseudo_masks")}
     final = stage_dir(workdir, stages)
     shutil.copyfile(os.path.join(final, "model.weights.h5"),
                     os.path.join(workdir, "model.weights.h5"))
@@ -576,8 +596,7 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
               "train_seconds": sum(s["train_seconds"] or 0.0 for s in summary.values())}
     result.pop("stage", None)
     result.pop("pseudo_masks", None)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(_jsonable(result), f, indent=2)
+    write_json(os.path.join(workdir, "metrics.json"), result)
     return result
 
 

@@ -31,3 +31,13 @@ def two_replicas():
     if not _TWO_REPLICAS:
         _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     return _TWO_REPLICAS[0]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    """Every test starts and ends with no gin bindings (tests parse their own configs)."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()

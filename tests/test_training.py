@@ -18,13 +18,6 @@ def write_png(path, array):
     tf.io.write_file(path, tf.io.encode_png(array))
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 SHAPES = """
 dataset.reader = @shapes()
 shapes.num_train = 12
@@ -147,3 +140,16 @@ def test_steps_must_fill_whole_epochs(tmp_path):
     config.parse([], [SHAPES, "train.steps = 10", "train.steps_per_epoch = 4"])
     with pytest.raises(config.ConfigError, match="multiple of train.steps_per_epoch"):
         training.train(str(tmp_path / "run"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(
+    f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".gin")))
+def test_every_shipped_config_parses_and_names_a_registered_method(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # includes are relative to the repository root
+    config.parse([os.path.join("configs", name)])
+    method = gin.query_parameter("train.method")
+    assert method.selector.split(".")[-1] in {"Supervised", "ClassMix", "ThreeStage", "MKD",
+                                               "GuidedMix"}

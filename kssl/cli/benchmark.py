@@ -53,8 +53,8 @@ def stage_summary(stages: dict) -> str:
     unlabelled pool, and each later stage's step time relative to stage 1's."""
 
     def step_ms(stage):
-        seconds, steps = stage.get("train_seconds"), stage.get("steps")
-        return 1000 * seconds / (steps - 1) if seconds and steps and steps > 1 else None
+        seconds, steps = stage.get("train_seconds"), stage.get("timed_steps")
+        return 1000 * seconds / steps if seconds and steps else None
 
     order = sorted(stages, key=int)
     val = " / ".join(f"{100 * stages[k]['mean_iou']:.1f}" for k in order)

@@ -60,6 +60,17 @@ class PseudoMaskStore:
     def ids(self) -> list:
         return list(self.index["ids"])
 
+    def check_matches(self, num_classes: int, resize) -> None:
+        """Fails when the set was made for another class count or training resolution."""
+        index = self.index
+        stored_resize = index.get("resize")
+        wanted = None if resize is None else list(resize)
+        if index.get("num_classes") != num_classes or stored_resize != wanted:
+            raise DataError(
+                f"the pseudo-masks in {self.directory} were made for {index.get('num_classes')}"
+                f" classes at pipeline.resize = {stored_resize}; this run has {num_classes} "
+                f"classes at {wanted}")
+
     def check_covers(self, examples: Examples, what: str) -> None:
         """Fails, naming a few ids, when any of `examples` has no stored mask."""
         stored = set(self.index["ids"])
@@ -83,6 +94,13 @@ class PseudoMaskStore:
                 message=f"an example id has no pseudo-mask in {self.directory}")
             with tf.control_dependencies([found]):
                 mask = tf.io.decode_png(tf.io.read_file(path), channels=1)[..., 0]
+            # A mask made at another resolution would be cropped out of line with its image.
+            same_size = tf.debugging.assert_equal(
+                tf.shape(mask), tf.shape(example["image"])[:2],
+                message=f"a pseudo-mask in {self.directory} differs in size from its image "
+                        "(made with another pipeline.resize?)")
+            with tf.control_dependencies([same_size]):
+                mask = tf.identity(mask)
             return {**example, KEY: mask}
 
         return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -115,6 +133,9 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
     Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...} for each scored pool
     (pseudo-mask against ground truth at the stored resolution) and "num_masks".
     """
+    if num_classes > 255:
+        raise ValueError(f"pseudo-masks are stored as 8-bit class ids (255 = ignore); "
+                         f"{num_classes} classes do not fit")
     all_ids = [i for _, examples in pools for i in examples.ids]
     if len(set(all_ids)) != len(all_ids):
         raise DataError("pseudo-masks: the pools share example ids; each id must be unique")
