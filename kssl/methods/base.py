@@ -133,6 +133,16 @@ class SegmentationMethod(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
 
+    def supervised_step(self, data) -> dict:
+        """One optimizer step of masked cross-entropy on the labelled batch alone (the
+        supervised baseline, and the supervised stage of a staged method)."""
+        labelled, _ = unpack_batch(data)
+        with tf.GradientTape() as tape:
+            logits = self.segmenter(labelled["image"], training=True)
+            loss = self.supervised_loss(logits, labelled["mask"])
+        self.apply_gradients(tape, loss, self.segmenter.trainable_variables)
+        return self.report(loss=loss)
+
     def report(self, **values) -> dict:
         """Updates the loss trackers with global values and returns the logs of a step.
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tensorflow as tf
-
-from kssl.methods.base import SegmentationMethod, unpack_batch
+from kssl.methods.base import SegmentationMethod
 
 
 class Supervised(SegmentationMethod):
@@ -20,9 +18,4 @@ class Supervised(SegmentationMethod):
         self.build_networks()
 
     def train_step(self, data):
-        labelled, _ = unpack_batch(data)
-        with tf.GradientTape() as tape:
-            logits = self.segmenter(labelled["image"], training=True)
-            loss = self.supervised_loss(logits, labelled["mask"])
-        self.apply_gradients(tape, loss, self.segmenter.trainable_variables)
-        return self.report(loss=loss)
+        return self.supervised_step(data)

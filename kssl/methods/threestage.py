@@ -219,12 +219,3 @@ class ThreeStage(SegmentationMethod):
         self.ema.update(step)
         return self.report(loss=loss, segmentation_loss=seg_loss,
                            consistency_loss=con_loss, pseudo_mask_loss=pl_loss)
-
-    def supervised_step(self, data):
-        """Stage 1: cross-entropy on the labelled batch alone."""
-        labelled, _ = unpack_batch(data)
-        with tf.GradientTape() as tape:
-            logits = self.segmenter(labelled["image"], training=True)
-            loss = self.supervised_loss(logits, labelled["mask"])
-        self.apply_gradients(tape, loss, self.segmenter.trainable_variables)
-        return self.report(loss=loss)
