@@ -43,7 +43,7 @@ from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
 from kssl.augment.randaugment import RandAugmentCutout
 from kssl.augment.strong import StrongAugment
-from kssl.methods import ClassMix, Supervised, ThreeStage
+from kssl.methods import ClassMix, MKD, Supervised, ThreeStage
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
@@ -52,6 +52,7 @@ for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "fo
 gin.external_configurable(Supervised, module="kssl.methods")
 gin.external_configurable(ClassMix, module="kssl.methods")
 gin.external_configurable(ThreeStage, module="kssl.methods")
+gin.external_configurable(MKD, module="kssl.methods")
 # `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...
 gin.external_configurable(StrongAugment, module="kssl.augment")
 gin.external_configurable(RandAugmentCutout, module="kssl.augment")

@@ -3,8 +3,9 @@
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.methods.classmix import ClassMix
 from kssl.methods.ema import EMATeacher
+from kssl.methods.mkd import MKD
 from kssl.methods.supervised import Supervised
 from kssl.methods.threestage import ThreeStage
 
-__all__ = ["ClassMix", "EMATeacher", "SegmentationMethod", "Supervised", "ThreeStage",
-           "unpack_batch"]
+__all__ = ["ClassMix", "EMATeacher", "MKD", "SegmentationMethod", "Supervised",
+           "ThreeStage", "unpack_batch"]

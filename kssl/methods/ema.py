@@ -57,7 +57,7 @@ def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     return layer.__class__.from_config(layer.get_config())
 
 
-def clone_network(network: keras.Model) -> keras.Model:
+def clone_network(network: keras.Model, name: Optional[str] = None) -> keras.Model:
     """A new network with `network`'s architecture and its own, fresh variables.
 
     A kssl `Segmenter` is rebuilt from the configs of its preprocessing, blocks and head
@@ -65,14 +65,18 @@ def clone_network(network: keras.Model) -> keras.Model:
     serialise it); any other model goes through `keras.models.clone_model`
     (functional, sequential, or a subclassed model with `get_config`). The copy is not
     guaranteed to be built, and its weights are not copied: see `EMATeacher`.
+    `name` names the copy (default: the original's name + "_ema").
     """
     if isinstance(network, Segmenter):
         blocks = [Block(spec.name, _clone_layer(spec.layer), spec.stride, spec.channels)
                   for spec in network.block_specs]
         return Segmenter(_clone_layer(network.preprocess), blocks,
                          _clone_layer(network.head), align_corners=network.align_corners,
-                         name=f"{network.name}_ema")
-    return keras.models.clone_model(network)
+                         name=name or f"{network.name}_ema")
+    copy = keras.models.clone_model(network)
+    if name:
+        copy.name = name
+    return copy
 
 
 def _tf_variable(variable):

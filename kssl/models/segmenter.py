@@ -70,7 +70,8 @@ class Segmenter(keras.Model):
 
     Any height and width work (dynamic shapes allowed). Public pieces for methods:
       block_names, blocks (name -> layer), strides, channels (name -> int), preprocess, head,
-      features(), extend_features(), logits_from_features(), branch().
+      features(), extend_features(), logits_from_features(), branch(),
+      classifier_inputs_and_logits() and classifier_weights() (the head's final classifier).
 
     Args:
       preprocess: layer mapping [0, 255] RGB floats to the backbone's input normalisation.
@@ -221,6 +222,31 @@ class Segmenter(keras.Model):
         logits = self.head(dict(features), training=training)
         logits = tf.cast(logits, "float32")
         return resize_bilinear(logits, size, align_corners=self.align_corners)
+
+    def classifier_inputs_and_logits(self, images, training=None):
+        """(features the head's final classifier reads [B, h, w, A], float32 logits
+        [B, h, w, C]), both at the head's stride, from one forward pass.
+
+        `resize_bilinear(logits, input size, self.align_corners)` is `call(images)`. Needs a
+        head with `classifier_inputs` and `classify` (DeepLabV3+ and DeepLabV2 have them).
+        """
+        self._check_classifier_api()
+        feats = self.features(images, training=training)
+        inputs = self.head.classifier_inputs(feats, training=training)
+        return inputs, tf.cast(self.head.classify(inputs), "float32")
+
+    def classifier_weights(self):
+        """The head's final classifier as per-position linear maps [T, A, C] (no bias);
+        T = 1 for a 1x1 classifier (row 0 holds w_c), see the head's `classifier_weights`."""
+        self._check_classifier_api()
+        return self.head.classifier_weights()
+
+    def _check_classifier_api(self):
+        missing = [name for name in ("classifier_inputs", "classify", "classifier_weights")
+                   if not hasattr(self.head, name)]
+        if missing:
+            raise TypeError(f"head {type(self.head).__name__} does not expose its classifier "
+                            f"({', '.join(missing)})")
 
     def call(self, images, training=None):
         feats = self.features(images, training=training)

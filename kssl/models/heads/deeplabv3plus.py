@@ -108,13 +108,29 @@ class DeepLabV3PlusHead(keras.layers.Layer):
         self.classifier.build(channels_shape(self.decoder_channels))
 
     def call(self, features, training=None):
+        return self.classify(self.classifier_inputs(features, training=training))
+
+    # The final linear classifier, exposed for methods that work on its input features
+    # (e.g. MKD's feature augmentation): call(f) == classify(classifier_inputs(f)).
+    def classifier_inputs(self, features, training=None):
+        """The decoder output [B, h, w, decoder_channels] the 1x1 classifier reads."""
         high = self.aspp(features[self.high_block], training=training)
         low = self.low_level(features[self.low_block], training=training)
         high = resize_bilinear(high, spatial_size(low), align_corners=self.align_corners)
         x = tf.concat([high, low], axis=-1)
         for conv in self.decoder:
             x = conv(x, training=training)
+        return x
+
+    def classify(self, x):
+        """Logits from `classifier_inputs`: the biased 1x1 classifier."""
         return self.classifier(x)
+
+    def classifier_weights(self):
+        """The classifier as per-position linear maps [T, A, C]: here T = 1 (a 1x1 conv),
+        so row 0 is w_c for every class c (no bias)."""
+        kernel = tf.convert_to_tensor(self.classifier.kernel)  # [1, 1, A, C]
+        return kernel[0, :, :, :]
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,

@@ -1,0 +1,378 @@
+"""MKD: class statistics, feature augmentation, teachers, loss pairing, distribution, fit."""
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, models, training
+from kssl.augment import randaugment
+from kssl.data.examples import IGNORE_LABEL
+from kssl.methods import MKD, mkd
+from kssl.models.heads import DeepLabV2Head
+from tiny import TINY_SHAPES_CONFIG
+
+NUM_CLASSES = 3
+
+
+def small_segmenter(seed=0, norm="batch"):
+    """A DeepLabV3+ on the small backbone cut to one narrow unit per stage: a compiled
+    two-replica MKD step traces eight passes of it, so every layer counts."""
+    keras.utils.set_random_seed(seed)
+    head_norm = "sync_batch" if norm == "sync_batch" else "batch"
+    backbone = models.build_backbone("small", norm=norm, widths=(4, 8, 8, 8),
+                                     depths=(1, 1, 1, 1))
+    head = models.build_head("deeplabv3plus", backbone, NUM_CLASSES, output_stride=16,
+                             norm=head_norm, aspp_rates=(2,), aspp_channels=8,
+                             low_level_channels=4, decoder_channels=8, separable=True,
+                             dropout=0.0)
+    network = models.Segmenter.from_backbone(backbone, head, name="tiny")
+    network(tf.zeros((1, 32, 32, 3)))
+    return network
+
+
+def np_cross_entropy(logits, labels):
+    """Mean CE over the pixels whose label is not ignored (numpy)."""
+    logits = logits.astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = labels != IGNORE_LABEL
+    return -np.take_along_axis(log_probs, np.where(valid, labels, 0)[..., None],
+                               -1)[..., 0][valid].mean()
+
+
+def batch(size=32, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labelled = {"image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+                "mask": rng.integers(0, NUM_CLASSES, (n, size, size)).astype(np.int32)}
+    labelled["mask"][n // 2:, :size // 2] = IGNORE_LABEL  # replicas count different pixels
+    unlabelled = {"image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)}
+    return labelled, unlabelled
+
+
+# -- feature augmentation ------------------------------------------------------------------
+def test_class_statistics_equal_a_batch_computation_over_the_same_pixels():
+    rng = np.random.default_rng(0)
+    classes, channels = 4, 5
+    statistics = mkd.ClassStatistics(classes, channels)
+    features, labels = [], []
+    for shape in [(2, 3, 4), (1, 5, 2)]:
+        f = rng.normal(2.0, 1.5, shape + (channels,)).astype(np.float32)
+        y = rng.integers(0, 3, shape).astype(np.int32)  # class 3 never occurs
+        y.flat[::4] = IGNORE_LABEL
+        f[y == IGNORE_LABEL] = 1e4  # would show in any estimate that counted them
+        statistics.update(f, y)
+        features.append(f.reshape(-1, channels))
+        labels.append(y.reshape(-1))
+    f, y = np.concatenate(features), np.concatenate(labels)
+    for c in range(classes):
+        pixels = f[y == c].astype(np.float64)
+        assert statistics.count.numpy()[c] == len(pixels)
+        if len(pixels):
+            np.testing.assert_allclose(statistics.mean.numpy()[c], pixels.mean(0), rtol=1e-5)
+            np.testing.assert_allclose(statistics.variance.numpy()[c], pixels.var(0),
+                                       rtol=1e-4)
+        else:
+            assert not statistics.mean.numpy()[c].any()
+            assert not statistics.variance.numpy()[c].any()
+
+
+@pytest.mark.parametrize("taps", [1, 3])
+def test_augmented_logits_match_a_hand_computation(taps):
+    rng = np.random.default_rng(1)
+    classes, channels, strength = 4, 6, 0.7
+    weights = rng.normal(size=(taps, channels, classes)).astype(np.float32)
+    variances = rng.uniform(0.1, 2.0, (classes, channels)).astype(np.float32)
+    logits = rng.normal(size=(2, 3, 3, classes)).astype(np.float32)
+    labels = rng.integers(0, classes, (2, 3, 3)).astype(np.int32)
+    labels[0, 0, 0] = labels[1, 2, 1] = IGNORE_LABEL
+    offsets = mkd.logit_offsets(weights, variances, strength).numpy()
+    got = mkd.augment_logits(logits, labels, offsets, IGNORE_LABEL).numpy()
+    expected = logits.copy()
+    for index in np.ndindex(labels.shape):
+        y = labels[index]
+        if y == IGNORE_LABEL:
+            continue  # ignore pixels get no term
+        for c in range(classes):
+            expected[index + (c,)] += 0.5 * strength * sum(
+                (weights[t, a, c] - weights[t, a, y]) ** 2 * variances[y, a]
+                for t in range(taps) for a in range(channels))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[0, 0, 0], logits[0, 0, 0])
+    assert (np.diag(offsets) == 0).all() and (offsets >= 0).all()
+
+
+def test_lambda_ramps_by_a_cosine_from_the_first_step():
+    for step in [0, 9, 49, 99, 150]:
+        t = min(step + 1, 100)
+        np.testing.assert_allclose(
+            mkd.feature_augmentation_strength(step, 1.5, 100).numpy(),
+            1.5 * (1 - np.cos(np.pi * t / 100)) / 2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mkd.feature_augmentation_strength(9, 1.5, 100, "linear"),
+                               0.15, rtol=1e-6)
+
+
+def test_the_heads_expose_their_classifier():
+    rng = np.random.default_rng(2)
+    network = small_segmenter()
+    images = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    features, logits = network.classifier_inputs_and_logits(images)
+    assert features.shape[-1] == network.classifier_weights().shape[1] == 8
+    np.testing.assert_allclose(
+        tf.image.resize(logits, (32, 32)).numpy(), network(images).numpy(), atol=1e-5)
+    # DeepLabV2: logits(p) = bias + sum over distinct offsets of f(p + offset) @ W[offset],
+    # the centre offset shared by every branch.
+    head = DeepLabV2Head(NUM_CLASSES, rates=(1, 2), in_block="x")
+    head.build({"x": (None, None, None, 4)})
+    x = rng.normal(size=(1, 9, 9, 4)).astype(np.float32)
+    weights, offsets = head.classifier_weights().numpy(), head.classifier_offsets()
+    assert len(offsets) == 17 and weights.shape == (17, 4, NUM_CLASSES)
+    logits = head({"x": x}).numpy()
+    bias = sum(branch.bias.numpy() for branch in head.branches)
+    expected = bias + sum(x[0, 4 + dy, 4 + dx] @ w for (dy, dx), w in zip(offsets, weights))
+    np.testing.assert_allclose(logits[0, 4, 4], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- the strong view -----------------------------------------------------------------------
+def test_the_strong_view_applies_one_op_per_image():
+    augment = mkd.OneOfPhotometric()
+    seed = tf.constant([3, 4], tf.int64)
+    choice = augment.choose(seed, 4000).numpy()
+    np.testing.assert_allclose(np.bincount(choice, minlength=5) / 4000,
+                               np.array(mkd.CODE_STRONG_OP_WEIGHTS) / 1.5, atol=0.03)
+    images = np.random.default_rng(3).uniform(0, 255, (16, 12, 12, 3)).astype(np.float32)
+    out = augment(tf.constant(images), seed).numpy()
+    choice = augment.choose(seed, 16).numpy()
+    for i, op in enumerate(choice):
+        name = mkd.STRONG_OPS[op]
+        if name == "solarize":
+            np.testing.assert_allclose(out[i], randaugment.solarize(images[i:i + 1], 128)[0])
+        elif name == "equalize":
+            np.testing.assert_allclose(out[i], randaugment.equalize(images[i:i + 1])[0])
+        elif name == "grayscale":
+            np.testing.assert_allclose(out[i, ..., 0], out[i, ..., 2], atol=1e-4)
+        else:  # jitter or blur change the image
+            assert np.abs(out[i] - images[i]).max() > 1.0
+    assert set(choice) >= {1, 4}  # this seed draws blur and greyscale at least
+
+
+# -- the networks and the losses ---------------------------------------------------------
+def test_students_share_the_backbone_start_and_differ_in_the_head():
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0)
+    s1, s2 = model.segmenter, model.student_2
+    for a, b in zip(s1.block_layers, s2.block_layers):
+        for x, y in zip(a.weights, b.weights):
+            assert x is not y
+            np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert not np.allclose(s1.head.classifier.kernel.numpy(),
+                           s2.head.classifier.kernel.numpy())
+    for student, teacher in [(s1, model.teacher_1), (s2, model.teacher_2)]:
+        for x, y in zip(student.weights, teacher.weights):
+            np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert model.inference_network is s1
+    model.inference = "teacher_2"
+    assert model.inference_network is model.teacher_2
+
+
+def test_mutual_losses_pair_each_student_with_the_other_branch():
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, alpha=1.5, beta=1.0)
+    rng = np.random.default_rng(4)
+    logits = [[rng.normal(size=(2, 3, 3, NUM_CLASSES)).astype(np.float32) for _ in range(2)]
+              for _ in range(2)]  # student k, part (labelled, mixed)
+    targets = [[rng.integers(0, NUM_CLASSES, (2, 3, 3)).astype(np.int32) for _ in range(2)]
+               for _ in range(2)]  # teacher k, part
+    targets[1][0][0, 0, 0] = IGNORE_LABEL
+    terms = model.mutual_losses((tf.constant(0.25), tf.constant(0.5)), logits, targets)
+
+    def ce(student, labels):
+        return np_cross_entropy(np.concatenate([p.reshape(-1, NUM_CLASSES)
+                                                for p in logits[student]]),
+                                np.concatenate([p.reshape(-1) for p in labels]))
+
+    def argmax(student):
+        return [p.argmax(-1) for p in logits[student]]
+
+    want = {"teacher_2_to_student_1": ce(0, targets[1]),
+            "teacher_1_to_student_2": ce(1, targets[0]),
+            "student_2_to_student_1": ce(0, argmax(1)),
+            "student_1_to_student_2": ce(1, argmax(0))}
+    for name, value in want.items():
+        np.testing.assert_allclose(terms[name].numpy(), value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(terms["student_1_loss"].numpy(),
+                               0.25 + 1.5 * want["teacher_2_to_student_1"]
+                               + want["student_2_to_student_1"], rtol=1e-5)
+    np.testing.assert_allclose(terms["loss"].numpy(),
+                               terms["student_1_loss"] + terms["student_2_loss"], rtol=1e-6)
+
+
+def step_logs(model, data):
+    for metric in model.metrics:
+        metric.reset_state()
+    return {k: float(v) for k, v in model.train_step(data).items()}
+
+
+def test_a_distinctive_teacher_changes_only_the_other_students_loss():
+    """With frozen teachers (decay 1) and a zero learning rate, teacher 2 made to predict
+    class 0 everywhere changes student 1's loss only, teacher 1 student 2's only."""
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, ema_decay=1.0,
+                ema_warmup=False, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    data = batch()
+    start = model.get_weights()
+    base = step_logs(model, data)
+    for teacher, changed, same in [("teacher_2", "student_1_loss", "student_2_loss"),
+                                   ("teacher_1", "student_2_loss", "student_1_loss")]:
+        model.set_weights(start)
+        model.optimizer.iterations.assign(0)  # the same step: the same masks and ops
+        bias = model.network(teacher).head.classifier.bias
+        bias.assign(bias + np.array([50.0, 0.0, 0.0], np.float32))
+        logs = step_logs(model, data)
+        assert abs(logs[changed] - base[changed]) > 1e-2, teacher
+        np.testing.assert_allclose(logs[same], base[same], rtol=1e-6, err_msg=teacher)
+
+
+def test_step_statistics_leave_out_ignore_pixels_and_are_saved(tmp_path):
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    labelled, unlabelled = batch()
+    step_logs(model, (labelled, unlabelled))
+    # The loss resolution is 1/8: 4 x 4 per 32 x 32 image; the labelled masks' ignore
+    # stripes cover half the rows of two images (nearest resizing keeps them).
+    labels = model.resize_labels(labelled["mask"], (4, 4)).numpy()
+    assert (labels == IGNORE_LABEL).sum() == 2 * 8
+    counted = (labels != IGNORE_LABEL).sum() + 4 * 16
+    for name in mkd.NETWORKS:
+        assert model.statistics[name].count.numpy().sum() == counted
+    # The statistics and all four networks are saved with the method (BackupAndRestore
+    # writes these files).
+    path = str(tmp_path / "mkd.weights.h5")
+    model.save_weights(path)
+    restored = MKD(small_segmenter(seed=1), NUM_CLASSES, lambda_steps=1)
+    restored.load_weights(path)
+    for name in mkd.NETWORKS:
+        for x, y in zip(model.statistics[name].weights + model.network(name).weights,
+                        restored.statistics[name].weights + restored.network(name).weights):
+            np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
+
+
+# -- distribution and the teachers ---------------------------------------------------------
+STEPS = 3
+
+
+def train_steps(strategy, weights, eager=False):
+    """STEPS steps from `weights`: (model, logs of each step, both students before and
+    after each step). Eager steps are much cheaper than tracing for a reference run."""
+    data = batch()
+    with strategy.scope():
+        model = MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0)
+        model.set_weights(weights)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    students = [[model.segmenter.get_weights(), model.student_2.get_weights()]]
+    if eager:
+        logs = []
+        for _ in range(STEPS):
+            logs.append(step_logs(model, data))
+            students.append([model.segmenter.get_weights(), model.student_2.get_weights()])
+        return model, logs, students
+    history = []
+
+    def record(batch, logs):
+        history.append(dict(logs))
+        students.append([model.segmenter.get_weights(), model.student_2.get_weights()])
+
+    ds = tf.data.Dataset.from_tensors(data).repeat()
+    model.fit(ds, epochs=1, steps_per_epoch=STEPS, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=record)])
+    return model, history, students
+
+
+@pytest.fixture(scope="module")
+def start_weights():
+    # Targets are argmaxes: a near-tie could flip between the one- and two-replica runs
+    # (summation order differs by ~1e-7) and move one pixel's gradient. These seeds give a
+    # batch without such ties, so the runs agree to float precision.
+    return MKD(small_segmenter(seed=0, norm="sync_batch"), NUM_CLASSES, lambda_steps=1,
+               seed=0).get_weights()
+
+
+@pytest.fixture(scope="module")
+def one_replica_run(start_weights):
+    return train_steps(tf.distribute.get_strategy(), start_weights, eager=True)
+
+
+def test_each_teacher_tracks_its_own_student(one_replica_run):
+    model, _, students = one_replica_run
+    # Updates at the start of steps 0, 1, 2 with decays 0, 1/2, min(2/3, 0.6): the teacher
+    # is 0.3 S(start) + 0.3 S(after step 0) + 0.4 S(after step 1).
+    for k, (student, teacher) in enumerate([(model.segmenter, model.teacher_1),
+                                            (model.student_2, model.teacher_2)]):
+        other = 1 - k
+        checked = 0
+        for i, (variable, value) in enumerate(zip(student.weights, teacher.get_weights())):
+            if not variable.trainable:
+                continue
+            want = 0.3 * students[0][k][i] + 0.3 * students[1][k][i] + 0.4 * students[2][k][i]
+            np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
+            checked += 1
+        assert checked == len(student.trainable_variables)
+        # ... and not the other student's average.
+        other_mix = [0.3 * a + 0.3 * b + 0.4 * c
+                     for a, b, c in zip(*(s[other] for s in students[:3]))]
+        assert any(not np.allclose(t, o, atol=1e-6)
+                   for t, o in zip(teacher.get_weights(), other_mix))
+    momenta = [v for v in model.optimizer.variables if "momentum" in v.path]
+    assert len(momenta) == len(model.optimized_variables())
+
+
+def test_three_steps_same_on_one_and_two_replicas(two_replicas, start_weights,
+                                                  one_replica_run):
+    one, logs, _ = one_replica_run
+    two, two_logs, _ = train_steps(two_replicas, start_weights)
+    assert two.distribute_strategy.num_replicas_in_sync == 2
+    assert logs[0]["teacher_student_loss"] > 0 and logs[0]["student_student_loss"] > 0
+    # Keras logs running means over the epoch, as step_logs' fresh trackers do not.
+    for name in logs[0]:
+        running = np.cumsum([step[name] for step in logs]) / np.arange(1, STEPS + 1)
+        np.testing.assert_allclose([step[name] for step in two_logs], running, rtol=1e-4,
+                                   err_msg=name)
+    for network in mkd.NETWORKS:
+        for x, y in zip(one.network(network).weights, two.network(network).weights):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{network} {x.path}")
+    # The class statistics are those of the global batch, identical on both replicas.
+    for network in mkd.NETWORKS:
+        for x, y in zip(one.statistics[network].weights, two.statistics[network].weights):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
+                                       err_msg=f"{network} {x.path}")
+            copies = two_replicas.experimental_local_results(y.value)
+            np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+        assert one.statistics[network].count.numpy().sum() > 0
+
+
+# -- the driver ----------------------------------------------------------------------------
+TINY_CONFIG = TINY_SHAPES_CONFIG + """
+shapes.num_val = 2
+model.aspp_rates = (2,)
+model.low_level_channels = 4
+model.decoder_channels = 8
+pipeline.unlabelled_batch_size = 4
+train.method = @MKD
+MKD.lambda_steps = 2
+train.steps = 2
+train.steps_per_epoch = 2
+"""
+
+
+def test_fit_through_the_driver(tmp_path):
+    path = tmp_path / "mkd.gin"
+    path.write_text(TINY_CONFIG)
+    workdir = tmp_path / "run"
+    gin.clear_config()
+    config.parse([str(path)])
+    try:
+        metrics = training.train(str(workdir))
+    finally:
+        gin.clear_config()
+    assert metrics["steps"] == 2 and metrics["method"] == "MKD"
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    assert (workdir / "model.weights.h5").exists()
