@@ -122,3 +122,51 @@ def confidence_weighted_cross_entropy(logits: tf.Tensor, pseudo_labels: tf.Tenso
     """
     weights = confidence_weights(confidence, threshold, weighting)
     return masked_cross_entropy(logits, pseudo_labels, ignore_label, pixel_weights=weights)
+
+
+def squared_error(predictions: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    """Mean over the pixels of the global batch of the squared vector difference
+    sum_c (predictions - targets)^2 (GuidedMix-Net's Eq. 10 and 12).
+
+    Args:
+      predictions, targets: [B, H, W, C] (e.g. softmax probabilities), cast to float32.
+    Returns:
+      A scalar: this replica's share of the global mean.
+    """
+    difference = tf.cast(predictions, tf.float32) - tf.cast(targets, tf.float32)
+    per_pixel = tf.reduce_sum(tf.square(difference), axis=-1)
+    return global_mean(tf.reduce_sum(per_pixel), tf.size(per_pixel))
+
+
+def sigmoid_focal_loss(logits: tf.Tensor, labels: tf.Tensor, gamma: float = 0.5,
+                       alpha: float = 0.5) -> tf.Tensor:
+    """One-vs-all sigmoid focal loss against class ids, averaged over pixels x classes.
+
+    With p = sigmoid(logit) per pixel and class: -alpha (1 - p)^gamma log p for the
+    labelled class, -(1 - alpha) p^gamma log(1 - p) for every other class (mmcv's
+    `sigmoid_focal_loss`, which GuidedMix-Net's released code uses). No ignore label: the
+    targets are argmaxes.
+
+    Args:
+      logits: [B, H, W, C]; labels: [B, H, W] class ids.
+    Returns:
+      A scalar: this replica's share of the global mean over B * H * W * C elements.
+    """
+    logits = tf.cast(logits, tf.float32)
+    positive = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1]) > 0.5
+    # p and 1 - p each from its own sigmoid (no cancellation), floored so that the power's
+    # gradient stays finite where a probability underflows to 0.
+    p = tf.maximum(tf.sigmoid(logits), 1e-30)
+    q = tf.maximum(tf.sigmoid(-logits), 1e-30)
+    loss = tf.where(positive,
+                    -alpha * tf.pow(q, gamma) * tf.math.log_sigmoid(logits),
+                    -(1.0 - alpha) * tf.pow(p, gamma) * tf.math.log_sigmoid(-logits))
+    return global_mean(tf.reduce_sum(loss), tf.size(loss))
+
+
+def multilabel_cross_entropy(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    """Binary cross-entropy of independent per-class logits [B, C] against 0/1 targets
+    [B, C], averaged over the B * C entries of the global batch."""
+    loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(targets, tf.float32),
+                                                   logits=tf.cast(logits, tf.float32))
+    return global_mean(tf.reduce_sum(loss), tf.size(loss))

@@ -43,7 +43,7 @@ from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
 from kssl.augment.randaugment import RandAugmentCutout
 from kssl.augment.strong import StrongAugment
-from kssl.methods import ClassMix, MKD, Supervised, ThreeStage
+from kssl.methods import ClassMix, GuidedMix, MKD, Supervised, ThreeStage
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
@@ -53,6 +53,7 @@ gin.external_configurable(Supervised, module="kssl.methods")
 gin.external_configurable(ClassMix, module="kssl.methods")
 gin.external_configurable(ThreeStage, module="kssl.methods")
 gin.external_configurable(MKD, module="kssl.methods")
+gin.external_configurable(GuidedMix, module="kssl.methods")
 # `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...
 gin.external_configurable(StrongAugment, module="kssl.augment")
 gin.external_configurable(RandAugmentCutout, module="kssl.augment")
@@ -99,8 +100,8 @@ def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 
 def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=None,
                 norm="auto", output_stride=None, aspp_rates=None, aspp_channels=None,
                 low_level_channels=None, decoder_channels=None, dropout=None,
-                separable=None, stride_on=None, stem_pool=None, preprocess=None,
-                align_corners=False):
+                separable=None, psp_channels=None, mitrans=None, stride_on=None,
+                stem_pool=None, preprocess=None, align_corners=False):
     """The segmentation network (see `kssl.models.build_segmenter` for each argument).
 
     `norm="auto"` is batch norm on one replica and synchronised batch norm on several, so
@@ -122,8 +123,8 @@ def build_model(num_classes, arch="deeplabv3plus", backbone="resnet50", weights=
         head_norm=head_norm, output_stride=output_stride, aspp_rates=aspp_rates,
         aspp_channels=aspp_channels, low_level_channels=low_level_channels,
         decoder_channels=decoder_channels, dropout=dropout, separable=separable,
-        stride_on=stride_on, stem_pool=stem_pool, preprocess=preprocess,
-        align_corners=align_corners)
+        psp_channels=psp_channels, mitrans=mitrans, stride_on=stride_on,
+        stem_pool=stem_pool, preprocess=preprocess, align_corners=align_corners)
 
 
 def record_model_layout(path, segmenter) -> None:

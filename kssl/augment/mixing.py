@@ -77,9 +77,16 @@ def class_mix_masks(labels: tf.Tensor, num_classes: int, scores: tf.Tensor) -> t
       float32 [B, H, W]: 1 where the pixel's class was chosen.
     """
     labels = tf.cast(labels, tf.int32)
-    flat = tf.reshape(labels, [tf.shape(labels)[0], -1])
-    present = tf.math.bincount(flat, minlength=num_classes, maxlength=num_classes,
-                               axis=-1) > 0  # [B, C]
+    batch = tf.shape(labels)[0]
+    flat = tf.reshape(labels, [batch, -1])
+    # Which classes each image holds, as a segment max rather than tf.math.bincount, whose
+    # output size depends on the values and so cannot be compiled with XLA
+    # (train.jit_compile). Values outside [0, C) land in a spare column that is dropped.
+    column = tf.where((flat >= 0) & (flat < num_classes), flat, num_classes)
+    segments = column + (num_classes + 1) * tf.range(batch)[:, None]
+    hits = tf.math.unsorted_segment_max(tf.ones_like(segments), segments,
+                                        batch * (num_classes + 1))
+    present = tf.reshape(hits, [batch, num_classes + 1])[:, :num_classes] > 0  # [B, C]
     half = tf.reduce_sum(tf.cast(present, tf.int32), axis=1) // 2
     # Absent classes sort after every present one (scores are < 1), so the first
     # `half` ranks are always present classes.
@@ -124,3 +131,50 @@ def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
     inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
     inside = tf.cast(inside_rows & inside_cols, tf.int32)  # [B, k, H, W]
     return tf.cast(tf.reduce_sum(inside, axis=1) % 2, tf.float32)
+
+
+def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float = 0.5,
+                          candidates: int = 32) -> tf.Tensor:
+    """Mixup weights of the smaller partner: lambda ~ Beta(alpha, alpha), folded to
+    min(lambda, 1 - lambda), conditioned on lambda < cap (GuidedMix-Net's LUPI).
+
+    The condition is a rejection, as the authors' code redraws until lambda < cap: with
+    alpha = 1 the result is uniform on (0, min(cap, 0.5)). Each lambda takes the first of
+    `candidates` stateless draws below the cap (all of them miss with probability
+    (1 - 2 cap)^candidates at alpha = 1, about 1e-13 for cap 0.3; the last fallback then
+    clips that draw to just under the cap).
+
+    Args:
+      seed: a stateless seed pair (see `kssl.augment.seeds.step_seed`).
+      batch_size: None for one lambda shared by the whole global batch (a scalar, equal on
+        every replica); else this replica's batch size, for one lambda per example keyed
+        by its global index (float32 [batch_size]).
+    """
+    if not 0.0 < cap:
+        raise ValueError(f"the lambda cap must be positive, got {cap!r}")
+    _, replicas = seeds.replica_position()
+    n = 1 if batch_size is None else tf.cast(batch_size, tf.int32) * replicas
+    shape = tf.stack([candidates, n])
+    first = tf.random.stateless_gamma(shape, tf.random.experimental.stateless_fold_in(seed, 1),
+                                      alpha=alpha)
+    second = tf.random.stateless_gamma(shape, tf.random.experimental.stateless_fold_in(seed, 2),
+                                       alpha=alpha)
+    draws = first / tf.maximum(first + second, 1e-30)
+    draws = tf.minimum(draws, 1.0 - draws)
+    accepted = draws < cap
+    index = tf.argmax(tf.cast(accepted, tf.int32), axis=0, output_type=tf.int32)
+    chosen = tf.gather(tf.transpose(draws), index[:, None], batch_dims=1)[:, 0]
+    fallback = tf.minimum(draws[-1], cap * (1.0 - 1e-6))
+    chosen = tf.where(tf.reduce_any(accepted, axis=0), chosen, fallback)
+    if batch_size is None:
+        return chosen[0]
+    return tf.gather(chosen, seeds.global_batch_index(batch_size))
+
+
+def interpolate(weights: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """weights * a + (1 - weights) * b, with a scalar or one weight per example [B]."""
+    a = tf.convert_to_tensor(a)
+    weights = tf.cast(weights, a.dtype)
+    if weights.shape.rank == 1:
+        weights = tf.reshape(weights, [-1] + [1] * (a.shape.rank - 1))
+    return weights * a + (1.0 - weights) * tf.cast(b, a.dtype)

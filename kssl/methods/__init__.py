@@ -3,9 +3,10 @@
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.methods.classmix import ClassMix
 from kssl.methods.ema import EMATeacher
+from kssl.methods.guidedmix import GuidedMix
 from kssl.methods.mkd import MKD
 from kssl.methods.supervised import Supervised
 from kssl.methods.threestage import ThreeStage
 
-__all__ = ["ClassMix", "EMATeacher", "MKD", "SegmentationMethod", "Supervised",
+__all__ = ["ClassMix", "EMATeacher", "GuidedMix", "MKD", "SegmentationMethod", "Supervised",
            "ThreeStage", "unpack_batch"]

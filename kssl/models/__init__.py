@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 
 from kssl.models.backbones import BACKBONES
-from kssl.models.heads import DeepLabV2Head, DeepLabV3PlusHead
+from kssl.models.heads import (DeepLabV2Head, DeepLabV3Head, DeepLabV3PlusHead, PSPUNetHead,
+                               skip_blocks_of)
 from kssl.models.layers import check_norm
 from kssl.models.segmenter import Backbone, Block, Segmenter
 
@@ -48,11 +49,42 @@ def deeplabv3plus_head(backbone: Backbone, num_classes: int, *, output_stride: i
         bn_momentum=bn_momentum, align_corners=align_corners, name="head")
 
 
+def deeplabv3_head(backbone: Backbone, num_classes: int, *, output_stride: int,
+                   norm: str, bn_momentum: float, align_corners: bool,
+                   aspp_rates: Sequence[int] | None = None, aspp_channels: int = 256,
+                   dropout: float = 0.1, separable: bool = False) -> keras.layers.Layer:
+    """DeepLabV3 as mmsegmentation's ASPPHead (branches, 3x3 bottleneck, classifier) on the
+    last block; rates default to (6, 12, 18) scaled by 16 / output_stride."""
+    del align_corners  # no internal resize
+    rates = aspp_rates or tuple(max(1, r * 16 // output_stride) for r in (6, 12, 18))
+    return DeepLabV3Head(num_classes, in_block=backbone.blocks[-1].name, rates=rates,
+                         channels=aspp_channels, dropout=dropout, separable=separable,
+                         norm=norm, bn_momentum=bn_momentum, name="head")
+
+
+def psp_unet_head(backbone: Backbone, num_classes: int, *, output_stride: int,
+                  norm: str, bn_momentum: float, align_corners: bool,
+                  psp_channels: int = 512, low_level_channels: int = 48,
+                  decoder_channels: int = 256, mitrans: bool = True) -> keras.layers.Layer:
+    """GuidedMix-Net's network: PSP and MITrans on the last block, a PixelShuffle U-Net
+    decoder with a skip from every coarser stride down to 4 (`low_level_channels` is the
+    width each skip is reduced to)."""
+    del output_stride, align_corners
+    last = backbone.blocks[-1]
+    return PSPUNetHead(num_classes, in_block=last.name,
+                       skip_blocks=skip_blocks_of(backbone.blocks), in_stride=last.stride,
+                       psp_channels=psp_channels, skip_channels=low_level_channels,
+                       decoder_channels=decoder_channels, mitrans=mitrans, norm=norm,
+                       bn_momentum=bn_momentum, name="head")
+
+
 HEADS = {
     "deeplabv2": deeplabv2_head,
+    "deeplabv3": deeplabv3_head,
     "deeplabv3plus": deeplabv3plus_head,
+    "psp_unet": psp_unet_head,
 }
-DEFAULT_OUTPUT_STRIDE = {"deeplabv2": 8, "deeplabv3plus": 16}
+DEFAULT_OUTPUT_STRIDE = {"deeplabv2": 8, "deeplabv3": 8, "deeplabv3plus": 16, "psp_unet": 16}
 
 
 def _lookup(table: dict, kind: str, name: str):
@@ -122,12 +154,14 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
                     aspp_rates: Sequence[int] | None = None, aspp_channels: int | None = None,
                     low_level_channels: int | None = None,
                     decoder_channels: int | None = None, dropout: float | None = None,
-                    separable: bool | None = None, align_corners: bool = False,
+                    separable: bool | None = None, psp_channels: int | None = None,
+                    mitrans: bool | None = None, align_corners: bool = False,
                     stride_on: str | None = None, stem_pool: str | None = None,
                     preprocess: str | None = None, name: str | None = None) -> Segmenter:
     """A built Segmenter, already called on a zero batch (ready for fit, export, load_weights).
 
-    arch: "deeplabv3plus" or "deeplabv2" (see HEADS).
+    arch: "deeplabv3plus", "deeplabv3", "deeplabv2" or "psp_unet" (GuidedMix-Net's network)
+      (see HEADS).
     backbone: "resnet50", "resnet101", "small" or "efficientnet_lite0" (see BACKBONES).
     weights: backbone weights: None, "imagenet" or a weight file path (ResNets: a
       keras.applications file or a file from `bin/convert_weights`; efficientnet_lite0: a
@@ -135,12 +169,13 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
       classifier: it is loaded into a "deeplabv2" head when num_classes matches and every
       rate of `aspp_rates` is one of the file's (rates (6, 12) take the rate-6 and rate-12
       branches: the classifier the released PyTorch code effectively runs).
-    output_stride: None picks the arch default (deeplabv2: 8, deeplabv3plus: 16).
+    output_stride: None picks the arch default (see DEFAULT_OUTPUT_STRIDE).
     norm: backbone norm, "batch" | "sync_batch" | "frozen".
     head_norm: head norm; None means `norm`, except that "frozen" becomes "batch" (a freshly
       initialised head has no statistics worth freezing).
-    aspp_rates, aspp_channels, low_level_channels, decoder_channels, dropout, separable:
-      head options; None keeps the head's default. Passing one the arch lacks is an error.
+    aspp_rates, aspp_channels, low_level_channels, decoder_channels, dropout, separable,
+      psp_channels, mitrans: head options; None keeps the head's default. Passing one the
+      arch lacks is an error.
     align_corners: bilinear upsampling convention for the logits (and the V3+ decoder).
     stride_on, stem_pool, preprocess: ResNet layout (see `kssl.models.backbones.resnet`);
       None follows the weights, an explicit value that disagrees with them is an error.
@@ -156,7 +191,8 @@ def build_segmenter(arch: str = "deeplabv3plus", backbone: str = "resnet101", *,
         head_norm = "batch" if norm == "frozen" else norm
     options = dict(aspp_rates=aspp_rates, aspp_channels=aspp_channels,
                    low_level_channels=low_level_channels, decoder_channels=decoder_channels,
-                   dropout=dropout, separable=separable)
+                   dropout=dropout, separable=separable, psp_channels=psp_channels,
+                   mitrans=mitrans)
     options = {k: v for k, v in options.items() if v is not None}
     _head_builder(arch, options)  # fail on a bad option before building anything
     layout = {k: v for k, v in dict(stride_on=stride_on, stem_pool=stem_pool,
@@ -192,4 +228,4 @@ def _load_converted_classifier(weights, head) -> None:
 
 __all__ = ["BACKBONES", "HEADS", "DEFAULT_OUTPUT_STRIDE", "Backbone", "Block", "Segmenter",
            "backbone_layout", "build_backbone", "build_head", "build_segmenter",
-           "deeplabv2_head", "deeplabv3plus_head"]
+           "deeplabv2_head", "deeplabv3_head", "deeplabv3plus_head", "psp_unet_head"]

@@ -16,14 +16,17 @@ class ASPP(keras.layers.Layer):
     """Atrous spatial pyramid pooling (DeepLabV3): 1x1, dilated 3x3 per rate, image pooling.
 
     Every branch is conv-BN-ReLU with `channels` outputs; the concatenation is projected by
-    a 1x1 conv-BN-ReLU to `channels`, then dropout (0 disables it).
+    a 1x1 conv-BN-ReLU to `channels`, then dropout (0 disables it). With `project=False`
+    the layer stops at the concatenation (`branch_features`), for heads that decode it
+    themselves (`DeepLabV3Head`).
     """
 
     def __init__(self, channels: int = 256, rates: Sequence[int] = (6, 12, 18),
                  dropout: float = 0.1, separable: bool = False, norm: str = "batch",
-                 bn_momentum: float = 0.99, **kwargs):
+                 bn_momentum: float = 0.99, project: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
+        self.with_projection = project
         self.rates = tuple(int(r) for r in rates)
         self.dropout_rate = dropout
         self.separable = separable
@@ -35,22 +38,36 @@ class ASPP(keras.layers.Layer):
                                   name=f"atrous_{i}", **common)
                        for i, r in enumerate(self.rates)]
         self.pool_conv = ConvBNReLU(channels, 1, name="pool_conv", **common)
-        self.project = ConvBNReLU(channels, 1, name="project", **common)
-        self.dropout = keras.layers.Dropout(dropout) if dropout > 0 else None
+        if project:
+            self.project = ConvBNReLU(channels, 1, name="project", **common)
+            self.dropout = keras.layers.Dropout(dropout) if dropout > 0 else None
+
+    @property
+    def branch_channels(self) -> int:
+        """Channels of `branch_features`: one `channels` block per branch."""
+        return self.channels * (len(self.atrous) + 2)
 
     def build(self, input_shape):
         for conv in [self.conv1x1, *self.atrous, self.pool_conv]:
             conv.build(input_shape)
-        self.project.build(channels_shape(self.channels * (len(self.atrous) + 2)))
+        if self.with_projection:
+            self.project.build(channels_shape(self.branch_channels))
 
-    def call(self, x, training=None):
+    def branch_features(self, x, training=None):
+        """The concatenated branch outputs [B, h, w, branch_channels], before projection."""
         outs = [self.conv1x1(x, training=training)]
         outs += [conv(x, training=training) for conv in self.atrous]
         pooled = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
         pooled = self.pool_conv(pooled, training=training)
         # Broadcasting the 1x1 pooled vector equals bilinear upsampling from 1x1.
         outs.append(tf.broadcast_to(pooled, tf.shape(outs[0])))
-        y = self.project(tf.concat(outs, axis=-1), training=training)
+        return tf.concat(outs, axis=-1)
+
+    def call(self, x, training=None):
+        y = self.branch_features(x, training=training)
+        if not self.with_projection:
+            return y
+        y = self.project(y, training=training)
         if self.dropout is not None:
             y = self.dropout(y, training=training)
         return y
@@ -58,7 +75,7 @@ class ASPP(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "rates": list(self.rates),
                 "dropout": self.dropout_rate, "separable": self.separable, "norm": self.norm,
-                "bn_momentum": self.bn_momentum}
+                "bn_momentum": self.bn_momentum, "project": self.with_projection}
 
 
 @keras.saving.register_keras_serializable(package="kssl")
