@@ -1,14 +1,25 @@
-"""SavedModel export / reload, colorize and predict_folder."""
+"""Export in every format (SavedModel, TFLite, ONNX) and reload, colorize and
+predict_folder."""
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from kssl import config, export, training
 from kssl.export import export_saved_model, load_saved_model
 from kssl.predict import colorize, predict_folder
+from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, tiny_segmenter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_ONNX = all(importlib.util.find_spec(name) is not None
+                for name in ("tf2onnx", "onnxruntime"))
+NO_ONNX = "tf2onnx and onnxruntime are not installed (pip install kssl[onnx])"
 
 PALETTE = np.array([[0, 0, 0], [200, 30, 40], [20, 180, 60], [10, 20, 250]], np.uint8)
 
@@ -109,3 +120,136 @@ def test_predict_folder_names_an_empty_or_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent"):
         predict_folder(one_hot_model(), str(tmp_path / "absent"), str(tmp_path / "out"),
                        PALETTE)
+
+
+# -- TFLite and ONNX ------------------------------------------------------------------
+def segmenter_with_statistics(seed=0):
+    """The tiny segmenter with non-trivial batch-norm statistics, so a converter that
+    dropped or mis-folded the batch norm would change the predictions."""
+    model = tiny_segmenter(seed)
+    rng = np.random.default_rng(seed)
+    norm = next(layer for layer in model.layers
+                if isinstance(layer, keras.layers.BatchNormalization))
+    gamma, beta, mean, variance = norm.get_weights()
+    norm.set_weights([rng.uniform(0.5, 2.0, gamma.shape), rng.normal(0, 1, beta.shape),
+                      rng.normal(0, 20, mean.shape), rng.uniform(50, 400, variance.shape)])
+    return model
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+def assert_predicts_like(outputs, logits):
+    """Class ids equal the argmax of the Keras logits wherever the top two logits differ by
+    more than 1e-3 (elsewhere float rounding may flip them), and probabilities agree."""
+    top_two = np.sort(logits, axis=-1)[..., -2:]
+    clear = top_two[..., 1] - top_two[..., 0] > 1e-3
+    assert clear.mean() > 0.95  # the comparison covers almost every pixel
+    class_ids = np.asarray(outputs["class_ids"])
+    assert class_ids.shape == logits.shape[:-1] and class_ids.dtype == np.int32
+    np.testing.assert_array_equal(class_ids[clear], logits.argmax(-1)[clear])
+    np.testing.assert_allclose(outputs["probabilities"], softmax(logits), atol=1e-4)
+
+
+def loader(format):
+    return {"saved_model": load_saved_model, "tflite": export.load_tflite,
+            "onnx": export.load_onnx}[format]
+
+
+@pytest.mark.parametrize("format", [
+    "saved_model", "tflite",
+    pytest.param("onnx", marks=pytest.mark.skipif(not HAVE_ONNX, reason=NO_ONNX))])
+def test_every_format_predicts_the_keras_class_ids(tmp_path, format):
+    model = segmenter_with_statistics()
+    size = (24, 32)
+    path = export.export_model(model, str(tmp_path / f"model.{format}"), NUM_CLASSES,
+                               format=format, input_size=size)
+    predict = loader(format)(path)
+    images = np.random.default_rng(1).integers(0, 256, (3, *size, 3)).astype(np.uint8)
+    logits = model(images.astype(np.float32), training=False).numpy()
+    outputs = {key: np.asarray(value) for key, value in predict(images).items()}
+    assert_predicts_like(outputs, logits)
+    single = predict(images[1])  # one image without a batch axis
+    np.testing.assert_array_equal(single["class_ids"], outputs["class_ids"][1])
+
+
+def test_tflite_model_takes_its_fixed_size_only(tmp_path):
+    model = segmenter_with_statistics()
+    path = export.export_tflite(model, str(tmp_path / "sub" / "m.tflite"), NUM_CLASSES,
+                                input_size=(16, 20))
+    predict = export.load_tflite(path)
+    assert predict.input_size == (16, 20)
+    with pytest.raises(ValueError, match="takes images of 16x20, got 20x16"):
+        predict(np.zeros((1, 20, 16, 3), np.uint8))
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason=NO_ONNX)
+def test_onnx_model_takes_any_size_and_resizes_to_the_input_size(tmp_path):
+    model = segmenter_with_statistics()
+    path = export.export_onnx(model, str(tmp_path / "m.onnx"), NUM_CLASSES,
+                              input_size=(24, 32))
+    predict = export.load_onnx(path)
+    rng = np.random.default_rng(2)
+    for size in [(20, 28), (33, 17)]:
+        images = rng.integers(0, 256, (2, *size, 3)).astype(np.uint8)
+        # The network runs at 24x32 and its logits are resized back, both bilinear.
+        resized = tf.image.resize(images.astype(np.float32), (24, 32), method="bilinear")
+        logits = tf.image.resize(model(resized, training=False), size,
+                                 method="bilinear").numpy()
+        assert_predicts_like(predict(images), logits)
+
+
+def test_export_errors_name_the_fix(tmp_path, monkeypatch):
+    model = tiny_segmenter(0)
+    with pytest.raises(export.ExportError, match="input_size"):
+        export.export_model(model, str(tmp_path / "m.tflite"), NUM_CLASSES, format="tflite")
+    with pytest.raises(export.ExportError, match="format must be one of"):
+        export.export_model(model, str(tmp_path / "m"), NUM_CLASSES, format="coreml")
+    # A module set to None in sys.modules cannot be imported: tf2onnx is "not installed".
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    assert not export.onnx_available()
+    with pytest.raises(ImportError, match=r"pip install kssl\[onnx\]"):
+        export.export_onnx(model, str(tmp_path / "m.onnx"), NUM_CLASSES)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def run_export(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """A run directory as bin/train leaves it (config.gin, model.weights.h5), without the
+    training: (workdir, the network its weights hold)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.gin").write_text(TINY_SHAPES_CONFIG)
+    config.parse([str(workdir / "config.gin")])
+    reader, _, _ = config.call_configured(training.dataset_setup)
+    keras.utils.set_random_seed(0)
+    network = training.build_model(reader.info.num_classes, weights=None)
+    network.save_weights(str(workdir / "model.weights.h5"))
+    return str(workdir), network
+
+
+def test_cli_exports_tflite_at_the_given_size(tmp_path, untrained_run):
+    workdir, network = untrained_run
+    result = run_export("--workdir", workdir, "--output", str(tmp_path / "m.tflite"),
+                        "--format", "tflite")
+    assert result.returncode == 2  # the run has no evaluation.input_size
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--input_size H,W" in errors[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.tflite").exists()
+
+    result = run_export("--workdir", workdir, "--output", str(tmp_path / "m.tflite"),
+                        "--format", "tflite", "--input_size", "40,56")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote TFLite model" in result.stdout
+    predict = export.load_tflite(str(tmp_path / "m.tflite"))
+    images = np.random.default_rng(3).integers(0, 256, (2, 40, 56, 3)).astype(np.uint8)
+    logits = network(images.astype(np.float32), training=False).numpy()
+    assert_predicts_like(predict(images), logits)

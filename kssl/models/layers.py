@@ -142,11 +142,15 @@ def resize_bilinear(x, size, align_corners: bool = False):
     centres); True matches the PyTorch DeepLab code that upsamples with align_corners=True.
     Keeps the input dtype (tf.image.resize would return float32).
     """
+    # Resized in float32, which the op outputs anyway: the XLA gradient of a float16
+    # resize mixes float16 and float32 and does not compile (mixed precision with
+    # train.jit_compile).
+    images = tf.cast(x, tf.float32)
     if align_corners:
-        out = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True,
+        out = tf.compat.v1.image.resize_bilinear(images, size, align_corners=True,
                                                  half_pixel_centers=False)
     else:
-        out = tf.image.resize(x, size, method="bilinear")
+        out = tf.image.resize(images, size, method="bilinear")
     return tf.cast(out, x.dtype)
 
 
