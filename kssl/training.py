@@ -15,11 +15,13 @@ names below (see `configs/*.gin` and the README's configuration reference):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -189,16 +191,266 @@ def evaluation_settings(mode="whole", input_size=None, window=None, stride=None,
                 stride=None if stride is None else tuple(stride), flip=flip)
 
 
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker", "tpu")
+TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}')
+# MultiWorkerMirroredStrategy configures the collective runtime once per process, and a
+# TPU system is initialised once: later calls (e.g. each stage of a staged method) reuse it.
+_PROCESS_STRATEGIES = {}
+
+
+def read_tf_config() -> dict:
+    """The cluster and this process's task from the TF_CONFIG environment variable.
+
+    Checks what MultiWorkerMirroredStrategy needs (it would otherwise fail late or wait
+    forever for a peer that was never configured) and raises ConfigError naming TF_CONFIG.
+    """
+    text = os.environ.get("TF_CONFIG", "").strip()
+    expected = f"expected JSON like {TF_CONFIG_EXAMPLE}, with this process's task index"
+    if not text:
+        raise kssl_config.ConfigError(
+            f"train.strategy = 'multi_worker' needs the TF_CONFIG environment variable: "
+            f"{expected} (see the README, 'Distributed training')")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise kssl_config.ConfigError(f"TF_CONFIG is not valid JSON ({error}): {expected}")
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    task = spec.get("task") if isinstance(spec, dict) else None
+    if not isinstance(cluster, dict) or not cluster or not isinstance(task, dict):
+        raise kssl_config.ConfigError(
+            f"TF_CONFIG needs a 'cluster' and a 'task' entry: {expected}; got {text}")
+    for job, addresses in cluster.items():
+        if job not in ("chief", "worker"):
+            raise kssl_config.ConfigError(
+                f"TF_CONFIG cluster job {job!r} is not used by multi-worker training (only "
+                f"'chief' and 'worker'): {expected}")
+        if (not isinstance(addresses, list) or not addresses
+                or not all(_is_address(a) for a in addresses)):
+            raise kssl_config.ConfigError(
+                f"TF_CONFIG cluster.{job} must be a list of 'host:port' strings: {expected}; "
+                f"got {addresses!r}")
+    kind, index = task.get("type"), task.get("index")
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise kssl_config.ConfigError(
+            f"TF_CONFIG task {task!r} does not name a task of the cluster (type one of "
+            f"{sorted(cluster)}, index from 0): {expected}")
+    return spec
+
+
+def _is_address(address) -> bool:
+    host, _, port = str(address).rpartition(":")
+    return isinstance(address, str) and bool(host) and port.isdigit()
+
+
 def choose_strategy(name: str) -> tf.distribute.Strategy:
-    """'auto' (mirrored over every GPU when there are several), 'mirrored', 'one_device'."""
+    """The tf.distribute strategy for `train.strategy`.
+
+    'auto': multi_worker when TF_CONFIG is set, else mirrored over every GPU when there
+    are several, else the default (one device). 'mirrored': every local GPU (or the CPU).
+    'one_device': the first GPU, or the CPU. 'multi_worker': MultiWorkerMirroredStrategy
+    over the cluster in TF_CONFIG (every local GPU of every worker). 'tpu': TPUStrategy on
+    the TPU that TPUClusterResolver finds (TPU_NAME, or 'local' on a TPU VM).
+
+    multi_worker must be chosen before TensorFlow runs any operation in the process:
+    `bin/train` does so; a script calls this first thing.
+    """
+    if name not in STRATEGIES:
+        raise kssl_config.ConfigError(
+            f"train.strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {name!r}")
+    if name == "auto" and os.environ.get("TF_CONFIG", "").strip():
+        name = "multi_worker"
+    if name in _PROCESS_STRATEGIES:
+        return _PROCESS_STRATEGIES[name]
+    if name == "multi_worker":
+        read_tf_config()
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as error:  # "Collective ops must be configured at program startup"
+            raise kssl_config.ConfigError(
+                f"train.strategy = 'multi_worker' must be set up before TensorFlow runs any "
+                f"operation in the process ({error}): call "
+                f"kssl.training.choose_strategy('multi_worker') at the start of the script")
+        _fix_keras_multi_worker_logs()
+        _PROCESS_STRATEGIES[name] = strategy
+        return strategy
+    if name == "tpu":
+        _PROCESS_STRATEGIES[name] = _tpu_strategy()
+        return _PROCESS_STRATEGIES[name]
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    raise ValueError(f"train.strategy must be 'auto', 'mirrored' or 'one_device', got {name!r}")
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def _fix_keras_multi_worker_logs() -> None:
+    """Makes Keras's fit and evaluate work under MultiWorkerMirroredStrategy.
+
+    Keras 3 (3.15 here) averages a step's logs over the workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on the scalar logs every step
+    returns ("Invalid reduction dimension 0 for input with 0 dimensions"). This wraps its
+    `reduce_per_replica` so that scalars are averaged over the replicas alone; other
+    cases go to Keras unchanged. Applied once, when a multi-worker strategy is created.
+    """
+    try:
+        from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+        keras_reduce = keras_tf_trainer.reduce_per_replica
+    except (ImportError, AttributeError):  # another Keras layout: nothing to fix here
+        return
+    if getattr(keras_reduce, "kssl_fix", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not in_multi_worker_mode(strategy):
+            return keras_reduce(values, strategy, reduction)
+
+        def mean(value):
+            local = value.values[0] if isinstance(value, tf.distribute.DistributedValues) \
+                else value
+            return strategy.reduce("MEAN", value, axis=0 if local.shape.rank else None)
+        return tf.nest.map_structure(mean, values)
+
+    reduce_per_replica.kssl_fix = True
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def _tpu_strategy() -> tf.distribute.Strategy:
+    """TPUStrategy on the TPU named by TPU_NAME, else on this TPU VM's own chips."""
+    tpu = os.environ.get("TPU_NAME") or "local"
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        if tpu != "local":  # a remote TPU (TPU node); a TPU VM's chips are local
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except (ValueError, tf.errors.OpError) as error:
+        # TF's message goes on with the missing kernels; its first sentence says it all.
+        first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+        raise kssl_config.ConfigError(
+            f"train.strategy = 'tpu' found no TPU (TPUClusterResolver(tpu={tpu!r}): "
+            f"{first_line}); run on a Cloud TPU VM with TensorFlow's TPU build, or set "
+            f"TPU_NAME to the TPU's name")
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` spans several processes (MultiWorkerMirroredStrategy over a
+    cluster of more than one task)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec().as_dict()
+    return sum(len(spec.get(job, [])) for job in ("chief", "worker")) > 1
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's artefacts: TF's rule (the 'chief' task, or
+    worker 0 when the cluster has no chief); always true outside multi-worker training."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def worker_scratch_dir(workdir: str, task_type: str, task_id: int) -> str:
+    """Where a non-chief worker writes its copy of the run in `workdir`.
+
+    TF's multi-worker rule: every worker runs every save (a save can read variables
+    through collective ops), but only the chief's files are the run's; the others write
+    to a temporary directory of their own and delete it at the end. It lies in the
+    local temporary folder ($TMPDIR), named after the run and the task, so workers of one
+    machine never share it, a restarted worker finds its own, and nothing is written next
+    to the chief's files on a shared filesystem.
+    """
+    key = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"kssl-{key}-{task_type}{task_id}")
+
+
+def chief_values(strategy: tf.distribute.Strategy, values) -> list:
+    """The chief's `values` (numbers, tensors or variables) on every worker.
+
+    Outside multi-worker training: `values` as they are. Every worker must call this at
+    the same point (it is a collective operation).
+    """
+    if not in_multi_worker_mode(strategy):
+        return list(values)
+    chief = is_chief(strategy)
+    dtypes = [tf.convert_to_tensor(v).dtype for v in values]
+
+    @tf.function
+    def broadcast():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            # The source is the first replica that lives on the chief; every other
+            # replica adds zeros, so the sum is the chief's value exactly.
+            flags = context.all_gather(tf.constant([1 if chief else 0], tf.int32), axis=0)
+            source = tf.argmax(flags, output_type=tf.int32)
+            mine = tf.equal(tf.cast(context.replica_id_in_sync_group, tf.int32), source)
+            shares = []
+            for value, dtype in zip(values, dtypes):
+                x = tf.convert_to_tensor(value)
+                x = tf.cast(x, tf.int32) if dtype == tf.bool else x
+                shares.append(tf.where(mine, x, tf.zeros_like(x)))
+            # One all-reduce per dtype: an all-reduce packs its tensors together.
+            summed = [None] * len(shares)
+            for dtype in sorted({share.dtype for share in shares}, key=lambda d: d.name):
+                group = [i for i, share in enumerate(shares) if share.dtype == dtype]
+                results = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                             [shares[i] for i in group])
+                for i, result in zip(group, results):
+                    summed[i] = result
+            return summed
+        return strategy.run(replica_fn)
+
+    results = broadcast()
+    return [tf.cast(strategy.experimental_local_results(r)[0], dtype)
+            for r, dtype in zip(results, dtypes)]
+
+
+def distribute_training_data(strategy: tf.distribute.Strategy,
+                             dataset: tf.data.Dataset):
+    """The training stream (global batches) as `strategy` should read it in `fit`.
+
+    Multi-worker: every worker builds the same global stream (same seeds) and its
+    replicas keep their own consecutive rows of each global batch, replica r rows
+    [r * b, (r + 1) * b), as one process splits it over its devices. So the workers
+    train together on exactly the batches a single process would (and the per-example
+    randomness of `kssl.augment.seeds` stays keyed to the same global index). TF's
+    automatic sharding would instead rebuild the pipeline from its graph, which loses
+    the seeded reshuffle of each pass and gives each worker a different order.
+    TPU: the string example ids are dropped (a TPU cannot take strings). Otherwise the
+    dataset unchanged (Keras splits each batch over local replicas).
+    """
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return dataset.map(_without_ids)
+    if not in_multi_worker_mode(strategy):
+        return dataset
+
+    def per_worker(context: tf.distribute.InputContext):
+        replicas = context.num_replicas_in_sync
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def this_workers_rows(*element):
+            def split(tensor):
+                total = tensor.shape[0]  # static with drop_remainder batching
+                rows = tf.shape(tensor)[0] // replicas if total is None else total // replicas
+                mine = tf.reshape(tensor[first * rows:(first + local) * rows],
+                                  tf.concat([[local, rows], tf.shape(tensor)[1:]], 0))
+                mine.set_shape([local, None if total is None else rows]
+                               + tensor.shape[1:].as_list())
+                return mine
+            element = element[0] if len(element) == 1 else element
+            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(split, element))
+
+        return dataset.flat_map(this_workers_rows)
+
+    return strategy.distribute_datasets_from_function(per_worker)
+
+
+def _without_ids(*element):
+    def strip(part):
+        return {k: v for k, v in part.items() if k != "id"} if isinstance(part, dict) else part
+    element = element[0] if len(element) == 1 else element
+    return (tuple(strip(part) for part in element) if isinstance(element, tuple)
+            else strip(element))
 
 
 # -- callbacks ---------------------------------------------------------------------------
@@ -237,6 +489,38 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.every and (epoch + 1) % self.every == 0 and logs is not None:
             logs["val_mean_iou"] = self.score(progress=False)["mean_iou"]
+
+
+class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` (kept after training) that also follows TensorFlow's
+    multi-worker rules.
+
+    Every worker writes its backup at the end of each epoch into its own run directory:
+    the chief into the run's `backup/`, the others into their scratch directory (see
+    `worker_scratch_dir`). On a restart only the chief restores its backup; every other
+    worker then takes the chief's weights, optimizer state and epoch through a broadcast.
+    So all workers resume from the same step whether their own backups are on a shared
+    filesystem, on local disks, missing (a worker moved to a new machine) or one epoch
+    behind (a worker killed while saving).
+    """
+
+    def __init__(self, backup_dir: str, strategy: tf.distribute.Strategy):
+        super().__init__(backup_dir, delete_checkpoint=False)
+        self.strategy = strategy
+
+    def on_train_begin(self, logs=None):
+        if is_chief(self.strategy):
+            super().on_train_begin(logs)
+        if not in_multi_worker_mode(self.strategy):
+            return
+        epoch, = chief_values(self.strategy, [self.model._initial_epoch or 0])
+        if int(epoch):  # a fresh run starts equal: variables are created from the chief's
+            state = {id(v): v for v in self.model.weights + self.model.optimizer.variables
+                     if v.synchronization != "on_read"}
+            variables = list(state.values())
+            for variable, value in zip(variables, chief_values(self.strategy, variables)):
+                variable.assign(value)
+            self.model._initial_epoch = int(epoch)
 
 
 # -- the driver --------------------------------------------------------------------------
@@ -313,8 +597,8 @@ def remove_run(workdir: str) -> None:
 
 @gin.configurable("train", denylist=["stage", "pseudo_masks"])
 def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy="auto",
-          mixed_precision=None, seed=0, eval_every_epochs=0, overwrite=False,
-          verbose=None, start_stage=None, stage=None, pseudo_masks=None):
+          mixed_precision=None, jit_compile=False, seed=0, eval_every_epochs=0,
+          overwrite=False, verbose=None, start_stage=None, stage=None, pseudo_masks=None):
     """Trains a method as configured and writes the run's artefacts into `workdir`.
 
     Writes `config.gin` (operative config), `backup/` (resume state, restored
@@ -329,8 +613,16 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
       steps: total optimizer steps, a multiple of `steps_per_epoch` (per stage for a
         staged method; `stage_1/train.steps = ...` sets one stage's).
       steps_per_epoch: steps between resume checkpoints and progress summaries.
-      strategy: 'auto', 'mirrored' or 'one_device'.
-      mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
+      strategy: 'auto', 'mirrored', 'one_device', 'multi_worker' (the cluster in the
+        TF_CONFIG environment variable) or 'tpu' (see `choose_strategy`). In
+        multi-worker training only the chief writes `workdir`; every other worker writes
+        a scratch copy it deletes at the end, and resumes from the chief's backup.
+      mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16' (Keras's global dtype
+        policy; under 'mixed_float16' `compile` wraps the optimizer in a
+        LossScaleOptimizer). Slower on CPUs, which lack native half precision.
+      jit_compile: compile the train step with XLA (`model.compile(jit_compile=...)`).
+        Off by default: it is several times slower on CPUs, and Keras's "auto" would turn
+        it on by itself on a GPU.
       seed: seeds Python, numpy and TensorFlow (weights init, shuffling, augmentation).
       eval_every_epochs: score the eval split every N epochs during training (0: only
         at the end).
@@ -341,8 +633,18 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         stopped.
       stage, pseudo_masks: set by `train_stages` for one stage (not configurable).
     """
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any operation.
+    dist = choose_strategy(strategy)
+    chief_workdir = None
+    if stage is None and not is_chief(dist):
+        # Only the chief's files are the run's: this worker runs the same code (saves
+        # included) on a scratch copy that is deleted at the end (see worker_scratch_dir).
+        chief_workdir, workdir = workdir, worker_scratch_dir(
+            workdir, dist.cluster_resolver.task_type, dist.cluster_resolver.task_id)
     if getattr(method, "stages", 1) > 1 and stage is None:
-        return train_stages(workdir, method, overwrite=overwrite, start_stage=start_stage)
+        return _worker_done(chief_workdir, workdir, train_stages(
+            workdir, method, overwrite=overwrite, start_stage=start_stage,
+            chief_workdir=chief_workdir))
     metrics_path = os.path.join(workdir, "metrics.json")
     if steps % steps_per_epoch:
         raise kssl_config.ConfigError(
@@ -350,11 +652,17 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
             f"({steps_per_epoch})")
     if overwrite:
         remove_run(workdir)
-    if os.path.exists(metrics_path):
+    # Every worker follows the chief's run: whether it has finished and how far it got.
+    finished, done_epochs = (int(value) for value in chief_values(
+        dist, [os.path.exists(metrics_path), completed_epochs(workdir)]))
+    if finished:
         logging.info("%s already holds a finished run; pass --overwrite to train again",
                      workdir)
-        with open(metrics_path) as f:
-            return json.load(f)
+        result = {}
+        if os.path.exists(metrics_path):  # a non-chief worker's scratch copy may not
+            with open(metrics_path) as f:
+                result = json.load(f)
+        return _worker_done(chief_workdir, workdir, result)
     os.makedirs(workdir, exist_ok=True)
     keras.utils.set_random_seed(seed)
     if mixed_precision:
@@ -392,7 +700,6 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     if settings["validate_data"]:
         validate.validate(reader, eval_examples, with_masks=True, num_classes=num_classes,
                           what="evaluation")
-    dist = choose_strategy(strategy)
     for key in ("batch_size", "unlabelled_batch_size"):
         if settings[key] and settings[key] % dist.num_replicas_in_sync:
             raise kssl_config.ConfigError(
@@ -400,7 +707,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
                 f"replicas ({dist.num_replicas_in_sync})")
     # A resumed run draws a fresh shuffle and fresh augmentations rather than replaying the
     # batches its first part already trained on.
-    data_seed = settings["seed"] + 7919 * completed_epochs(workdir)
+    data_seed = settings["seed"] + 7919 * done_epochs
 
     stream_args = {k: settings[k] for k in
                    ("crop_size", "scale_range", "flip", "resize", "cache")}
@@ -410,11 +717,14 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         reader, labelled, training_pool, batch_size=settings["batch_size"],
         unlabelled_batch_size=settings["unlabelled_batch_size"], seed=data_seed,
         unlabelled_reader=unlabelled_reader, **stream_args)
+    if jit_compile:  # XLA takes no string arguments; the train steps read no ids
+        train_ds = train_ds.map(_without_ids)
+    train_ds = distribute_training_data(dist, train_ds)
 
     with dist.scope():
         segmenter = build_model(num_classes)
         model = method_factory(segmenter, num_classes=num_classes)
-        model.compile(optimizer=build_optimizer(steps))
+        model.compile(optimizer=build_optimizer(steps), jit_compile=jit_compile)
     eval_settings = evaluation_settings()
     # Saved once every configurable has been called, so the file rebuilds the whole run
     # (bin/evaluate, bin/export and bin/predict read it).
@@ -429,8 +739,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(workdir, BACKUP_DIR),
-                                         delete_checkpoint=False),
+        WorkerBackupAndRestore(os.path.join(workdir, BACKUP_DIR), dist),
         meter,
         PeriodicEvaluation(eval_every_epochs, score),
         keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
@@ -468,6 +777,16 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     if writer is not None:
         result["pseudo_masks"] = writer.report
     write_json(metrics_path, result)
+    # The workers leave together: a worker that exits while another still runs is
+    # reported by the other as crashed.
+    chief_values(dist, [0])
+    return _worker_done(chief_workdir, workdir, result)
+
+
+def _worker_done(chief_workdir, workdir, result):
+    """Deletes a non-chief worker's scratch copy (`workdir`) once its run is over."""
+    if chief_workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
@@ -533,7 +852,8 @@ class PseudoMaskWriter(keras.callbacks.Callback):
               flush=True)
 
 
-def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
+def train_stages(workdir, method, overwrite=False, start_stage=None,
+                 chief_workdir=None) -> dict:
     """Runs the stages of a staged method in turn, each a `train` run in its own gin scope
     (`stage_N/...` bindings apply to stage N only) and directory `workdir/stage_N/`.
 
@@ -544,6 +864,10 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
     discarded and retrained. Writes `workdir/metrics.json` (the
     final stage's metrics plus a per-stage summary), `model.weights.h5` and `config.gin`, so
     bin/evaluate, bin/export and bin/predict read `workdir` like any run.
+
+    `chief_workdir`: set on a non-chief worker of multi-worker training, whose `workdir`
+    is its scratch copy; it then reads the chief's pseudo-masks where it has no complete
+    set of its own (a shared filesystem), and writes no run-level files.
     """
     stages = method.stages
     first = 1
@@ -561,7 +885,7 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
     if first > 1:
-        store = PseudoMaskStore(os.path.join(stage_dir(workdir, first - 1), PSEUDO_MASK_DIR))
+        store = stored_masks(workdir, first - 1, chief_workdir)
         if not store.complete:
             raise kssl_config.ConfigError(
                 f"--start_stage {first} needs the pseudo-masks of stage {first - 1} in "
@@ -569,8 +893,7 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     result = None
     for stage in range(first, stages + 1):
-        previous = (PseudoMaskStore(os.path.join(stage_dir(workdir, stage - 1),
-                                                 PSEUDO_MASK_DIR)) if stage > 1 else None)
+        previous = stored_masks(workdir, stage - 1, chief_workdir) if stage > 1 else None
         where = stage_dir(workdir, stage)
         if os.path.exists(os.path.join(where, "metrics.json")):
             print(f"kssl: {method.__name__} stage {stage} of {stages} already finished in "
@@ -579,6 +902,8 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
             print(f"kssl: {method.__name__} stage {stage} of {stages} in {where}", flush=True)
         with gin.config_scope(f"stage_{stage}"):
             result = train(where, stage=stage, pseudo_masks=previous, overwrite=False)
+    if chief_workdir is not None:
+        return result
     # Every stage that has run in this directory, also those before --start_stage.
     summary = {}
     for stage in range(1, stages + 1):
@@ -600,6 +925,18 @@ def train_stages(workdir, method, overwrite=False, start_stage=None) -> dict:
     result.pop("pseudo_masks", None)
     write_json(os.path.join(workdir, "metrics.json"), result)
     return result
+
+
+def stored_masks(workdir: str, stage: int, chief_workdir=None) -> PseudoMaskStore:
+    """The pseudo-masks stage `stage` of the run in `workdir` stored; for a non-chief
+    worker (`chief_workdir` set) without a complete set of its own (e.g. restarted on
+    another machine), the chief's when they are readable and complete."""
+    store = PseudoMaskStore(os.path.join(stage_dir(workdir, stage), PSEUDO_MASK_DIR))
+    if not store.complete and chief_workdir is not None:
+        chiefs = PseudoMaskStore(os.path.join(stage_dir(chief_workdir, stage), PSEUDO_MASK_DIR))
+        if chiefs.complete:
+            return chiefs
+    return store
 
 
 def _jsonable(value):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's Python INFO lines (e.g. one per collective all-reduce it builds when a
+# multi-worker step is traced) would bury the tools' own output.
+logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 def fail(message: str) -> None:
