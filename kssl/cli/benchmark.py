@@ -4,6 +4,10 @@ Trains a config from scratch into a fresh directory, then prints one markdown ro
 mean IoU, per-class IoU, train images/s and wall time, the machine, the date and the exact
 command. With `--record`, the row is appended to the named table of that file, so numbers
 in BENCHMARKS.md are always pasted by the tool that measured them, never by hand.
+
+`--pipeline_only` trains nothing to the end: it times the config's input pipeline alone,
+the training step on it and the step on one fixed batch (`kssl.throughput`), says which
+limits, and records a row of a different table (default table name: `pipeline`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from typing import Optional
 
 from absl import app, flags
 
@@ -25,6 +30,13 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/benchmark-<co
 flags.DEFINE_string("table", None, "Name of the table in the --record file to append to.")
 flags.DEFINE_string("record", None, "Markdown file holding the table (e.g. BENCHMARKS.md).")
 flags.DEFINE_string("label", None, "Row label (default: the method's name).")
+flags.DEFINE_bool("pipeline_only", False,
+                  "Time the input pipeline alone, the training step on it and the step on "
+                  "a fixed batch instead of training the config.")
+flags.DEFINE_integer("steps", 50, "--pipeline_only: timed batches and training steps.")
+flags.DEFINE_integer("warmup_steps", None,
+                     "--pipeline_only: untimed batches (and steps) before each timing "
+                     "(default: one pass over the data with pipeline.cache, else 5).")
 FLAGS = flags.FLAGS
 
 
@@ -88,18 +100,50 @@ def format_row(label, metrics, class_names, wall_seconds, command) -> str:
 
 
 def table_header() -> str:
+    """The header of a training table (see `format_row`)."""
     return ("| method | labelled/unlabelled | steps | val mIoU (%) | train img/s "
             "| wall (min) | per-class IoU (%) | machine | date | command |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def append_row(path: str, table: str, row: str) -> None:
+def pipeline_table_header() -> str:
+    """The header of a `--pipeline_only` table (see `pipeline_row`)."""
+    return ("| label | images/step (labelled+unlabelled) | pipeline img/s | step img/s "
+            "| step img/s, fixed batch | pipeline / step | limited by | timed steps "
+            "| machine | date | command |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def pipeline_row(label, report, command) -> str:
+    """One `--pipeline_only` row: a `kssl.throughput.Report` (see `pipeline_table_header`)."""
+    return (f"| {label} | {report.labelled_per_step}+{report.unlabelled_per_step} "
+            f"| {report.pipeline.images_per_second:.1f} | {report.step.images_per_second:.1f} "
+            f"| {report.fixed_batch.images_per_second:.1f} "
+            f"| {report.pipeline_over_step:.2f} | {report.limited_by} "
+            f"| {report.step.batches} | {machine_description()} "
+            f"| {datetime.date.today().isoformat()} | `{command}` |")
+
+
+def existing_header(path: str, table: str) -> Optional[str]:
+    """The header line of the table named `table` in `path`, or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    lines = open(path).read().split(f"<!-- table: {table} -->", 1)
+    if len(lines) < 2:
+        return None
+    after = lines[1].split("\n")
+    return after[1] if len(after) > 1 and after[1].startswith("|") else None
+
+
+def append_row(path: str, table: str, row: str, header: Optional[str] = None) -> None:
     """Appends `row` to the table that follows `<!-- table: NAME -->` in `path`,
-    creating the marker and header at the end of the file when absent."""
+    creating the marker and `header` (default: `table_header()`) at the end of the file
+    when absent."""
+    header = header or table_header()
     marker = f"<!-- table: {table} -->"
     text = open(path).read() if os.path.exists(path) else ""
     if marker not in text:
-        text = text.rstrip("\n") + f"\n\n{marker}\n{table_header()}\n{row}\n"
+        text = text.rstrip("\n") + f"\n\n{marker}\n{header}\n{row}\n"
     else:
         head, tail = text.split(marker, 1)
         lines = tail.split("\n")
@@ -108,7 +152,7 @@ def append_row(path: str, table: str, row: str) -> None:
         while end < len(lines) and lines[end].startswith("|"):
             end += 1
         if end == 1:
-            lines[1:1] = table_header().split("\n")
+            lines[1:1] = header.split("\n")
             end = 3
         lines.insert(end, row)
         text = head + marker + "\n".join(lines)
@@ -116,15 +160,53 @@ def append_row(path: str, table: str, row: str) -> None:
         f.write(text)
 
 
+def check_pipeline_table(path: str, table: str) -> None:
+    """Raises ConfigError when `table` exists in `path` with other columns than a
+    `--pipeline_only` row's (checked before measuring, not after)."""
+    from kssl.config import ConfigError
+
+    header = existing_header(path, table)
+    if header is not None and header != pipeline_table_header().split("\n")[0]:
+        raise ConfigError(f"table {table!r} in {path} has other columns than a "
+                          f"--pipeline_only row; choose another --table")
+
+
+def pipeline_main(command: str) -> None:
+    """`--pipeline_only`: the three rates of the parsed config, and its row."""
+    from kssl import config, throughput
+
+    table = FLAGS.table or "pipeline"
+    if FLAGS.record:
+        check_pipeline_table(FLAGS.record, table)
+    if FLAGS.steps < 1:
+        raise config.ConfigError(f"--steps must be at least 1, got {FLAGS.steps}")
+    report = config.call_configured(throughput.benchmark_config, FLAGS.steps,
+                                    FLAGS.warmup_steps)
+    print(throughput.format_report(report))
+    row = pipeline_row(FLAGS.label or report.method, report, command)
+    print(row)
+    if FLAGS.record:
+        append_row(FLAGS.record, table, row, pipeline_table_header())
+        print(f"kssl: appended to table {table!r} in {FLAGS.record}")
+
+
 @common.guarded
 def main(argv):
     del argv
     from kssl import config, training
 
+    command = "bin/benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if FLAGS.pipeline_only:
+        common.parse_run_config(FLAGS.config, FLAGS.gin_param)
+        pipeline_main(command)
+        return
+    if FLAGS["steps"].present or FLAGS["warmup_steps"].present:
+        # Not train.steps: a training benchmark takes its steps from the config.
+        common.fail("--steps and --warmup_steps go with --pipeline_only; the training "
+                    "steps are --gin_param 'train.steps = N'")
     workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir,
                                       prefix="benchmark-")
     name = os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
-    command = "bin/benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     start = time.perf_counter()
     metrics = config.call_configured(training.train, workdir, overwrite=True)
     wall = time.perf_counter() - start

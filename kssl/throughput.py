@@ -1,0 +1,266 @@
+"""Is training limited by the input pipeline or by the training step?
+
+`bin/benchmark --pipeline_only` measures three rates, in training images (labelled +
+unlabelled) per second, on the training stream `kssl.training.train` builds for a config:
+
+  pipeline      the tf.data stream alone, read as fast as it goes;
+  step          `model.fit` on that stream: the rate training actually runs at;
+  fixed batch   `model.fit` on one batch held in memory: the step's compute alone.
+
+The pipeline limits when it alone delivers fewer images per second than the step
+consumes on the fixed batch; otherwise the step does, and pipeline / step is the
+pipeline's headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import time
+from typing import Callable, Optional
+
+import gin
+import keras
+import tensorflow as tf
+
+from kssl import training
+from kssl.data import pipeline
+
+# Untimed batches at the least, with or without a cache: AUTOTUNE settles its parallelism
+# and the shuffle buffer fills before timing.
+MIN_WARMUP_BATCHES = 5
+# The fixed-batch fit only needs its train function traced (the first step).
+FIXED_BATCH_WARMUP_STEPS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """`images` training images in `batches` batches (or steps) took `seconds`."""
+
+    images: int
+    batches: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """The rate; infinite when no time was measured (a clock too coarse)."""
+        return self.images / self.seconds if self.seconds > 0 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The three rates of one config and what the stream holds per step."""
+
+    method: str  # the method's name, and the stage measured for a staged method
+    labelled_per_step: int
+    unlabelled_per_step: int
+    warmup: int
+    pipeline: Rate
+    step: Rate
+    fixed_batch: Rate
+
+    @property
+    def images_per_step(self) -> int:
+        """Labelled + unlabelled images one training step reads."""
+        return self.labelled_per_step + self.unlabelled_per_step
+
+    @property
+    def pipeline_over_step(self) -> float:
+        """How many times over the pipeline alone could feed the step as it runs."""
+        return self.pipeline.images_per_second / self.step.images_per_second
+
+    @property
+    def limited_by(self) -> str:
+        """'pipeline' when the pipeline alone is slower than the step's compute alone."""
+        return ("pipeline" if self.pipeline.images_per_second
+                < self.fixed_batch.images_per_second else "step")
+
+
+def images_in(element) -> int:
+    """Training images in one element of a training stream: the rows of every "image"
+    tensor (a labelled dict, or a (labelled, unlabelled) pair of dicts)."""
+    parts = element if isinstance(element, (tuple, list)) else (element,)
+    return sum(int(part["image"].shape[0]) for part in parts
+               if isinstance(part, dict) and "image" in part)
+
+
+def time_pipeline(dataset, batches: int, warmup: int = 0,
+                  clock: Callable[[], float] = time.perf_counter) -> Rate:
+    """Reads `warmup` elements of `dataset` untimed, then times the next `batches`,
+    counting the images they actually hold (see `images_in`).
+
+    Raises ValueError when `dataset` ends before `warmup + batches` elements.
+    """
+    if batches < 1:
+        raise ValueError(f"batches must be at least 1, got {batches}")
+    iterator = iter(dataset)
+
+    def next_element():
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise ValueError(f"the dataset ended before {warmup + batches} elements "
+                             f"({warmup} warm-up + {batches} timed)") from None
+
+    for _ in range(warmup):
+        next_element()
+    images = 0
+    start = clock()
+    for _ in range(batches):
+        images += images_in(next_element())
+    seconds = clock() - start
+    return Rate(images, batches, seconds)
+
+
+class _AfterWarmup(keras.callbacks.Callback):
+    """Forwards batch ends to `meter` from the `warmup`-th on, so the meter (which
+    starts its clock at the first batch end it sees) times only later steps."""
+
+    def __init__(self, meter: keras.callbacks.Callback, warmup: int):
+        super().__init__()
+        self.meter = meter
+        self.warmup = warmup
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen >= self.warmup:
+            self.meter.on_train_batch_end(batch, logs)
+
+
+def time_training_steps(model: keras.Model, dataset, steps: int, warmup: int,
+                        images_per_step: int) -> Rate:
+    """Runs `model.fit` on `dataset` for `warmup + steps` steps and times the last
+    `steps` with the driver's own `ThroughputMeter` (so rates compare with the train
+    img/s of training rows). `warmup` is at least 1: the first step traces."""
+    warmup = max(1, warmup)
+    meter = training.ThroughputMeter(images_per_step)
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps,
+              callbacks=[_AfterWarmup(meter, warmup)], verbose=0, shuffle=False)
+    return Rate(meter.steps * images_per_step, meter.steps, meter.seconds)
+
+
+def warmup_batches(settings: dict, pools) -> int:
+    """Batches to read before timing: with `pipeline.cache`, one full pass over the
+    largest pool (+1, so the cache is complete and later passes read memory alone);
+    at least MIN_WARMUP_BATCHES.
+
+    `pools`: (number of examples, batch size) of each stream of the training element.
+    """
+    if not settings["cache"]:
+        return MIN_WARMUP_BATCHES
+    one_pass = max(math.ceil(size / batch) for size, batch in pools)
+    return max(MIN_WARMUP_BATCHES, one_pass + 1)
+
+
+def train_arguments() -> dict:
+    """The arguments `training.train` would run with: its defaults under the current
+    gin bindings of `train.*` (in the active gin scope)."""
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(training.train).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    return {**defaults, **gin.get_bindings("train")}
+
+
+def benchmark_config(steps: int = 50, warmup: Optional[int] = None) -> Report:
+    """Measures the three rates for the parsed gin config (see the module docstring).
+
+    The stream, model and optimizer are built as `training.train` builds them (the same
+    configurables, seeds, strategy, precision and jit setting); a staged method is
+    measured in its first stage, under the `stage_1/` bindings (later stages need the
+    pseudo-masks of a finished stage). Nothing is written.
+    `warmup`: untimed batches (and steps) before each timing; default `warmup_batches`.
+    """
+    method = train_arguments()["method"]
+    if getattr(method, "stages", 1) > 1:
+        with gin.config_scope("stage_1"):
+            return _benchmark(train_arguments(), steps, warmup, stage=1)
+    return _benchmark(train_arguments(), steps, warmup)
+
+
+def _benchmark(args: dict, steps: int, warmup: Optional[int], stage=None) -> Report:
+    # Mirrors the set-up part of training.train, without run files, resume or eval data.
+    method = args["method"]
+    dist = training.choose_strategy(args["strategy"])
+    keras.utils.set_random_seed(args["seed"])
+    if args["mixed_precision"]:
+        keras.mixed_precision.set_global_policy(args["mixed_precision"])
+    jit_compile = args["jit_compile"]
+
+    reader, train_split, _ = training.dataset_setup()
+    settings = training.pipeline_settings()
+    needs_pool = method.uses_unlabelled if stage is None else True
+    labelled, unlabelled, unlabelled_reader = training.prepare_data(
+        reader, train_split, needs_pool, settings)
+    pool, method_factory = unlabelled, method
+    if stage is not None:
+        method_factory = functools.partial(method, stage=stage)
+        pool = (training.concat_examples(labelled, unlabelled)
+                if method.uses_unlabelled_in(stage) else None)
+    batch_size = settings["batch_size"]
+    unlabelled_batch = 0 if pool is None else settings["unlabelled_batch_size"] or batch_size
+    stream_args = {k: settings[k] for k in
+                   ("crop_size", "scale_range", "flip", "resize", "cache")}
+    train_ds = pipeline.train_dataset(
+        reader, labelled, pool, batch_size=batch_size,
+        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=settings["seed"],
+        unlabelled_reader=unlabelled_reader, **stream_args)
+    if jit_compile:  # as train(): XLA takes no string ids
+        train_ds = train_ds.map(training._without_ids)
+
+    if warmup is None:
+        pools = [(len(labelled), batch_size)]
+        if pool is not None:
+            pools.append((len(pool), unlabelled_batch))
+        warmup = warmup_batches(settings, pools)
+    pipeline_rate = time_pipeline(train_ds, steps, warmup)
+
+    num_classes = reader.info.num_classes
+    with dist.scope():
+        model = method_factory(training.build_model(num_classes), num_classes=num_classes)
+        model.compile(optimizer=training.build_optimizer(args["steps"]),
+                      jit_compile=jit_compile)
+    images_per_step = batch_size + unlabelled_batch
+    step_rate = time_training_steps(
+        model, training.distribute_training_data(dist, train_ds), steps, warmup,
+        images_per_step)
+
+    fixed = next(iter(train_ds))
+    fixed_ds = tf.data.Dataset.from_tensors(fixed).repeat()
+    fixed_rate = time_training_steps(
+        model, training.distribute_training_data(dist, fixed_ds), steps,
+        FIXED_BATCH_WARMUP_STEPS, images_per_step)
+    name = method.__name__ if stage is None else f"{method.__name__} stage {stage}"
+    return Report(name, batch_size, unlabelled_batch, warmup, pipeline_rate, step_rate,
+                  fixed_rate)
+
+
+def format_report(report: Report) -> str:
+    """The three rates and the ratio as a small markdown table, and which side limits."""
+    rows = [("input pipeline alone", report.pipeline.images_per_second),
+            ("training step on the pipeline", report.step.images_per_second),
+            ("training step on one fixed batch", report.fixed_batch.images_per_second)]
+    lines = [f"kssl: {report.method}, {report.labelled_per_step} labelled + "
+             f"{report.unlabelled_per_step} unlabelled images a step; "
+             f"{report.pipeline.batches} timed batches/steps after {report.warmup} warm-up",
+             "| measurement | img/s |", "|---|---|"]
+    lines += [f"| {name} | {rate:.1f} |" for name, rate in rows]
+    lines.append(f"| pipeline / step | {report.pipeline_over_step:.2f}x |")
+    if report.limited_by == "pipeline":
+        lines.append(
+            f"limited by: the input pipeline (it delivers "
+            f"{report.pipeline.images_per_second:.1f} img/s, the step alone could consume "
+            f"{report.fixed_batch.images_per_second:.1f})")
+    else:
+        lines.append(f"limited by: the training step (the pipeline alone delivers "
+                     f"{report.pipeline_over_step:.2f}x what the step consumes)")
+        slowdown = 1 - report.step.images_per_second / report.fixed_batch.images_per_second
+        if slowdown > 0.1:
+            # The pipeline keeps up, yet the step is slower on it: on a CPU both share
+            # the cores, so each batch made costs the step compute time.
+            lines.append(f"the step runs {100 * slowdown:.0f}% slower on the pipeline than "
+                         "on a fixed batch: the pipeline takes CPU time from the step")
+    return "\n".join(lines)
+
