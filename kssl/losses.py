@@ -124,18 +124,26 @@ def confidence_weighted_cross_entropy(logits: tf.Tensor, pseudo_labels: tf.Tenso
     return masked_cross_entropy(logits, pseudo_labels, ignore_label, pixel_weights=weights)
 
 
-def squared_error(predictions: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+def squared_error(predictions: tf.Tensor, targets: tf.Tensor,
+                  counted: tf.Tensor | None = None) -> tf.Tensor:
     """Mean over the pixels of the global batch of the squared vector difference
     sum_c (predictions - targets)^2 (GuidedMix-Net's Eq. 10 and 12).
 
     Args:
       predictions, targets: [B, H, W, C] (e.g. softmax probabilities), cast to float32.
+      counted: optional [B] of 0/1: only these examples' pixels enter the sum and the
+        count (0 when no example counts).
     Returns:
       A scalar: this replica's share of the global mean.
     """
     difference = tf.cast(predictions, tf.float32) - tf.cast(targets, tf.float32)
     per_pixel = tf.reduce_sum(tf.square(difference), axis=-1)
-    return global_mean(tf.reduce_sum(per_pixel), tf.size(per_pixel))
+    if counted is None:
+        return global_mean(tf.reduce_sum(per_pixel), tf.size(per_pixel))
+    counted = tf.cast(counted, tf.float32)
+    pixels = tf.cast(tf.reduce_prod(tf.shape(per_pixel)[1:]), tf.float32)
+    return global_mean(tf.reduce_sum(per_pixel * counted[:, None, None]),
+                       tf.reduce_sum(counted) * pixels)
 
 
 def sigmoid_focal_loss(logits: tf.Tensor, labels: tf.Tensor, gamma: float = 0.5,

@@ -15,7 +15,6 @@ pipeline's headroom.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import time
@@ -26,7 +25,6 @@ import keras
 import tensorflow as tf
 
 from kssl import training
-from kssl.data import pipeline
 
 # Untimed batches at the least, with or without a cache: AUTOTUNE settles its parallelism
 # and the shuffle buffer fills before timing.
@@ -181,7 +179,8 @@ def benchmark_config(steps: int = 50, warmup: Optional[int] = None) -> Report:
 
 
 def _benchmark(args: dict, steps: int, warmup: Optional[int], stage=None) -> Report:
-    # Mirrors the set-up part of training.train, without run files, resume or eval data.
+    # The set-up part of training.train (its own helpers), without run files, resume or
+    # evaluation data.
     method = args["method"]
     dist = training.choose_strategy(args["strategy"])
     keras.utils.set_random_seed(args["seed"])
@@ -194,21 +193,12 @@ def _benchmark(args: dict, steps: int, warmup: Optional[int], stage=None) -> Rep
     needs_pool = method.uses_unlabelled if stage is None else True
     labelled, unlabelled, unlabelled_reader = training.prepare_data(
         reader, train_split, needs_pool, settings)
-    pool, method_factory = unlabelled, method
-    if stage is not None:
-        method_factory = functools.partial(method, stage=stage)
-        pool = (training.concat_examples(labelled, unlabelled)
-                if method.uses_unlabelled_in(stage) else None)
+    pool, method_factory = training.method_pool(method, stage, labelled, unlabelled,
+                                                unlabelled_reader)
     batch_size = settings["batch_size"]
     unlabelled_batch = 0 if pool is None else settings["unlabelled_batch_size"] or batch_size
-    stream_args = {k: settings[k] for k in
-                   ("crop_size", "scale_range", "flip", "resize", "cache")}
-    train_ds = pipeline.train_dataset(
-        reader, labelled, pool, batch_size=batch_size,
-        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=settings["seed"],
-        unlabelled_reader=unlabelled_reader, **stream_args)
-    if jit_compile:  # as train(): XLA takes no string ids
-        train_ds = train_ds.map(training._without_ids)
+    train_ds = training.training_stream(reader, labelled, pool, unlabelled_reader, settings,
+                                        settings["seed"], jit_compile=jit_compile)
 
     if warmup is None:
         pools = [(len(labelled), batch_size)]

@@ -595,6 +595,42 @@ def remove_run(workdir: str) -> None:
     shutil.rmtree(workdir)
 
 
+def method_pool(method, stage, labelled: Examples, unlabelled: Optional[Examples],
+                unlabelled_reader):
+    """(the pool of the second sub-batch or None, the method factory) for one run.
+
+    A staged method in a stage that reads a second sub-batch draws it from all training
+    images (each with its stored pseudo-mask; the labelled sub-batch carries its
+    pseudo-mask too); otherwise the pool is the unlabelled one.
+    """
+    if stage is None:
+        return unlabelled, method
+    if unlabelled_reader is not None:
+        raise kssl_config.ConfigError(
+            f"{method.__name__} labels and trains on all training images of one reader; "
+            "a separate unlabelled.reader is not supported")
+    pool = concat_examples(labelled, unlabelled) if method.uses_unlabelled_in(stage) else None
+    return pool, functools.partial(method, stage=stage)
+
+
+def training_stream(reader, labelled: Examples, pool: Optional[Examples], unlabelled_reader,
+                    settings: dict, seed: int, attach=None,
+                    jit_compile: bool = False) -> tf.data.Dataset:
+    """The global training stream of one run: labelled batches, zipped with batches of
+    `pool` when it is given, augmented as `settings` (pipeline.*) say."""
+    stream_args = {k: settings[k] for k in
+                   ("crop_size", "scale_range", "flip", "resize", "cache")}
+    if attach is not None:
+        stream_args["attach"] = attach
+    train_ds = pipeline.train_dataset(
+        reader, labelled, pool, batch_size=settings["batch_size"],
+        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=seed,
+        unlabelled_reader=unlabelled_reader, **stream_args)
+    if jit_compile:  # XLA takes no string arguments; the train steps read no ids
+        train_ds = train_ds.map(_without_ids)
+    return train_ds
+
+
 @gin.configurable("train", denylist=["stage", "pseudo_masks"])
 def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy="auto",
           mixed_precision=None, jit_compile=False, seed=0, eval_every_epochs=0,
@@ -680,21 +716,11 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     print(f"kssl: {reader.info.name} {train_split}: {len(labelled)} labelled, "
           f"{0 if unlabelled is None else len(unlabelled)} unlabelled images; "
           f"{num_classes} classes; method {method.__name__}{stage_text}", flush=True)
-    training_pool, method_factory = unlabelled, method
-    if stage is not None:
-        method_factory = functools.partial(method, stage=stage)
-        if unlabelled_reader is not None:
-            raise kssl_config.ConfigError(
-                f"{method.__name__} labels and trains on all training images of one reader; "
-                "a separate unlabelled.reader is not supported")
-        training_pool = None
-        if method.uses_unlabelled_in(stage):
-            # The second sub-batch comes from all training images, each with its stored
-            # pseudo-mask (the labelled sub-batch carries its pseudo-mask too).
-            training_pool = concat_examples(labelled, unlabelled)
-            if pseudo_masks is not None:
-                pseudo_masks.check_matches(num_classes, settings["resize"])
-                pseudo_masks.check_covers(training_pool, "training")
+    training_pool, method_factory = method_pool(method, stage, labelled, unlabelled,
+                                                unlabelled_reader)
+    if training_pool is not None and pseudo_masks is not None:
+        pseudo_masks.check_matches(num_classes, settings["resize"])
+        pseudo_masks.check_covers(training_pool, "training")
 
     eval_examples = reader.examples(eval_split)
     if settings["validate_data"]:
@@ -709,16 +735,9 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     # batches its first part already trained on.
     data_seed = settings["seed"] + 7919 * done_epochs
 
-    stream_args = {k: settings[k] for k in
-                   ("crop_size", "scale_range", "flip", "resize", "cache")}
-    if pseudo_masks is not None:
-        stream_args["attach"] = pseudo_masks.attach
-    train_ds = pipeline.train_dataset(
-        reader, labelled, training_pool, batch_size=settings["batch_size"],
-        unlabelled_batch_size=settings["unlabelled_batch_size"], seed=data_seed,
-        unlabelled_reader=unlabelled_reader, **stream_args)
-    if jit_compile:  # XLA takes no string arguments; the train steps read no ids
-        train_ds = train_ds.map(_without_ids)
+    train_ds = training_stream(
+        reader, labelled, training_pool, unlabelled_reader, settings, data_seed,
+        attach=None if pseudo_masks is None else pseudo_masks.attach, jit_compile=jit_compile)
     train_ds = distribute_training_data(dist, train_ds)
 
     with dist.scope():

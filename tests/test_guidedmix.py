@@ -49,6 +49,14 @@ def test_lambda_is_folded_beta_below_the_cap(alpha, cap):
     assert one.shape == () and 0.0 < float(one) < cap
 
 
+def test_lambdas_compile_with_xla():
+    draw = tf.function(lambda seed: mixing.interpolation_lambdas(seed, 4, 1.0, 0.3),
+                       jit_compile=True)
+    # XLA picks its own random algorithm, so the values differ from the plain run's.
+    draws = draw(tf.constant([1, 2], tf.int64)).numpy()
+    assert draws.shape == (4,) and np.all((0 < draws) & (draws < 0.3))
+
+
 def test_sigmoid_rampup_follows_laine_and_aila():
     for step, expected in [(0, np.exp(-5.0)), (50, np.exp(-5 * 0.25)), (100, 1.0),
                            (150, 1.0)]:
@@ -251,6 +259,14 @@ def test_paper_loss_terms_match_numpy(pairs):
     np.testing.assert_allclose(terms["loss"], expected, rtol=1e-5)
 
 
+def test_a_single_labelled_image_adds_no_decoupling_loss():
+    model = paper_model(pairs="similar")
+    labelled, images_u = batch(n_l=1, n_u=2)
+    terms = model.paper_losses(labelled, images_u, 0)
+    assert float(terms["decoupling_loss"]) == 0.0
+    assert float(terms["unsupervised_loss"]) > 0.0
+
+
 def test_released_loss_terms_match_numpy():
     keras.utils.set_random_seed(0)
     net = models.build_segmenter("deeplabv3", "small", num_classes=NUM_CLASSES,
@@ -281,6 +297,14 @@ def test_released_loss_terms_match_numpy():
     np.testing.assert_allclose(terms["unsupervised_loss"], 10 * focal.mean(), rtol=1e-4)
     np.testing.assert_allclose(terms["loss"], terms["supervised_loss"]
                                + terms["unsupervised_loss"], rtol=1e-6)
+
+    # The decoupled logits subtract a non-detached p_l: the unsupervised loss trains the
+    # main head's classifier as well as the second head.
+    with tf.GradientTape() as tape:
+        unsupervised = model.released_losses(labelled, images_u, step)["unsupervised_loss"]
+    main, mix = tape.gradient(unsupervised, [net.head.decoder.classifier.kernel,
+                                             model.mix_head.classifier.kernel])
+    assert float(tf.reduce_max(tf.abs(main))) > 0 and float(tf.reduce_max(tf.abs(mix))) > 0
 
 
 def test_released_variant_needs_a_deeplabv3_head():

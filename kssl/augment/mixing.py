@@ -155,11 +155,16 @@ def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float 
     _, replicas = seeds.replica_position()
     n = 1 if batch_size is None else tf.cast(batch_size, tf.int32) * replicas
     shape = tf.stack([candidates, n])
-    first = tf.random.stateless_gamma(shape, tf.random.experimental.stateless_fold_in(seed, 1),
-                                      alpha=alpha)
-    second = tf.random.stateless_gamma(shape, tf.random.experimental.stateless_fold_in(seed, 2),
-                                       alpha=alpha)
-    draws = first / tf.maximum(first + second, 1e-30)
+    first_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    if alpha == 1.0:
+        # Beta(1, 1) is uniform; drawn directly, which XLA compiles (its gamma sampler
+        # has no XLA kernel, so other alphas cannot run under train.jit_compile).
+        draws = tf.random.stateless_uniform(shape, first_seed)
+    else:
+        first = tf.random.stateless_gamma(shape, first_seed, alpha=alpha)
+        second = tf.random.stateless_gamma(
+            shape, tf.random.experimental.stateless_fold_in(seed, 2), alpha=alpha)
+        draws = first / tf.maximum(first + second, 1e-30)
     draws = tf.minimum(draws, 1.0 - draws)
     accepted = draws < cap
     index = tf.argmax(tf.cast(accepted, tf.int32), axis=0, output_type=tf.int32)

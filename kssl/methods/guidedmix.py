@@ -240,8 +240,10 @@ class GuidedMix(SegmentationMethod):
     def paper_losses(self, labelled, unlabelled_images, step) -> dict:
         """Every loss term of the paper's recipe, for one (labelled, unlabelled) batch."""
         net = self.segmenter
-        images_l, masks = labelled["image"], labelled["mask"]
-        images_u = tf.cast(unlabelled_images, images_l.dtype)
+        # Float images, so that interpolation weights are not rounded to integers.
+        images_l = tf.cast(labelled["image"], tf.float32)
+        images_u = tf.cast(unlabelled_images, tf.float32)
+        masks = labelled["mask"]
         n_l, n_u = tf.shape(images_l)[0], tf.shape(images_u)[0]
 
         # 1. Direct predictions M_l (supervised) and M_u.
@@ -276,15 +278,18 @@ class GuidedMix(SegmentationMethod):
         unsupervised = self.decoupling_loss(logits_mix, tf.gather(logits_l, partners),
                                             logits_u, lambdas)
 
-        # 4. L_dec: two labelled images mixed the same way, the seed taking lambda.
+        # 4. L_dec: two labelled images mixed the same way, the seed taking lambda. The
+        #    configured decoupling applies here too (Eq. 12 prints the hard form). A
+        #    replica holding a single labelled image has no pair: its row does not count
+        #    (mixed with itself, the "decoupled" mask would only shrink the prediction).
         decoupling = tf.constant(0.0)
         if self.decoupling_weight:
             lambdas_l = self._lambdas(step, _LABELLED_LAMBDA_STREAM, n_l)
             mixed_l = mixing.interpolate(lambdas_l, images_l,
                                          tf.gather(images_l, labelled_partners))
-            decoupling = self.decoupling_loss(net(mixed_l, training=True), logits_l,
-                                              tf.gather(logits_l, labelled_partners),
-                                              lambdas_l)
+            decoupling = self.decoupling_loss(
+                net(mixed_l, training=True), logits_l, tf.gather(logits_l, labelled_partners),
+                lambdas_l, counted=tf.not_equal(labelled_partners, tf.range(n_l)))
 
         weight = self.unsup_weight * sigmoid_rampup(step, self.rampup_steps)
         loss = (supervised + self.decoupling_weight * decoupling + weight * unsupervised
@@ -294,9 +299,11 @@ class GuidedMix(SegmentationMethod):
                 "unsup_weight": self._replica_share(weight),
                 "mean_lambda": losses.global_mean(tf.reduce_sum(lambdas), tf.size(lambdas))}
 
-    def decoupling_loss(self, logits_mix, logits_guide, logits_direct, lambdas):
+    def decoupling_loss(self, logits_mix, logits_guide, logits_direct, lambdas,
+                        counted=None):
         """Squared error between the decoupled mask M_mix - lambda M_guide and the direct
-        prediction (Eq. 10 and 12), per `decoupling`, `decouple_on` and `detach`."""
+        prediction (Eq. 10 and 12), per `decoupling`, `decouple_on` and `detach`;
+        `counted` [B] optionally leaves rows out (see `losses.squared_error`)."""
         mixed, guide, direct = (self._representation(x)
                                 for x in (logits_mix, logits_guide, logits_direct))
         weight = tf.reshape(lambdas, [-1, 1, 1, 1])
@@ -310,7 +317,7 @@ class GuidedMix(SegmentationMethod):
             decoupled = tf.stop_gradient(decoupled)
         elif self.detach == "direct":
             direct = tf.stop_gradient(direct)
-        return losses.squared_error(direct, decoupled)
+        return losses.squared_error(direct, decoupled, counted)
 
     def released_losses(self, labelled, unlabelled_images, step) -> dict:
         """Every loss term of the released code's recipe (see the module docstring)."""

@@ -18,7 +18,8 @@ from kssl.models.layers import ConvBNReLU, channels_shape, check_norm
 
 @keras.saving.register_keras_serializable(package="kssl")
 class BranchDecoder(keras.layers.Layer):
-    """Concatenated ASPP branches -> k x k conv-BN-ReLU bottleneck -> dropout -> 1x1 logits."""
+    """Concatenated ASPP branches -> k x k conv-BN-ReLU bottleneck -> channel dropout ->
+    1x1 logits."""
 
     def __init__(self, num_classes: int, channels: int = 256, kernel_size: int = 3,
                  dropout: float = 0.1, norm: str = "batch", bn_momentum: float = 0.99,
@@ -32,7 +33,8 @@ class BranchDecoder(keras.layers.Layer):
         self.bn_momentum = bn_momentum
         self.bottleneck = ConvBNReLU(channels, kernel_size, norm=norm, bn_momentum=bn_momentum,
                                      name="bottleneck")
-        self.dropout = keras.layers.Dropout(dropout) if dropout > 0 else None
+        # Whole channels dropped, as mmsegmentation's Dropout2d.
+        self.dropout = keras.layers.SpatialDropout2D(dropout) if dropout > 0 else None
         self.classifier = keras.layers.Conv2D(num_classes, 1, name="classifier")
 
     def build(self, input_shape):

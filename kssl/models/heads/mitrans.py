@@ -11,7 +11,9 @@ says "over the channel dimension", which would not give each position a weightin
 others), and conv_out starts at zero, so the block is the identity at initialisation and
 a pretrained network's behaviour is unchanged until the block learns something.
 Attention is within each image: on a mixed image it relates the labelled and unlabelled
-contents that the interpolation has laid on top of each other.
+contents that the interpolation has laid on top of each other. This is the non-local core
+of the authors' module; the 3x3 convs they wrap around it are left to the surrounding
+network (PSP before it, the decoder after it).
 """
 
 from __future__ import annotations
@@ -57,14 +59,14 @@ class MITrans(keras.layers.Layer):
 
     def attention(self, x):
         """Attention weights [B, N, N] (rows: query positions, summing to 1 over keys)."""
-        q = self._positions(self.query(x))
-        k = self._positions(self.key(x))
+        # In float32: under mixed precision, float16 dot products over many channels can
+        # overflow, and a float16 softmax over thousands of positions loses small weights.
+        q = tf.cast(self._positions(self.query(x)), tf.float32)
+        k = tf.cast(self._positions(self.key(x)), tf.float32)
         affinity = tf.matmul(q, k, transpose_b=True)
         if self.scale:
             affinity = affinity / math.sqrt(self.inner_channels)
-        # Softmax in float32: under mixed precision a float16 softmax over thousands of
-        # positions loses the small weights.
-        return tf.nn.softmax(tf.cast(affinity, tf.float32), axis=-1)
+        return tf.nn.softmax(affinity, axis=-1)
 
     def call(self, x, training=None):
         del training
