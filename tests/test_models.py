@@ -268,7 +268,7 @@ def test_resize_bilinear_align_corners_keeps_corner_values():
 # -- factory errors -----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,message", [
     (dict(arch="pspnet", backbone="small"),
-     "unknown arch 'pspnet'; known: deeplabv2, deeplabv3plus"),
+     "unknown arch 'pspnet'; known: deeplabv2, deeplabv3, deeplabv3plus, psp_unet"),
     (dict(arch="deeplabv2", backbone="vgg16"),
      "unknown backbone 'vgg16'; known: efficientnet_lite0, resnet101, resnet50, small"),
     (dict(arch="deeplabv2", backbone="small", decoder_channels=32),

@@ -139,5 +139,5 @@ def test_saved_model_export_serves_any_size(v3plus, tmp_path):
 
 
 def test_unknown_arch_is_a_value_error():
-    with pytest.raises(ValueError, match="unknown arch 'unet'; known: deeplabv2, deeplabv3plus"):
+    with pytest.raises(ValueError, match="unknown arch 'unet'; known: deeplabv2, deeplabv3, deeplabv3plus, psp_unet"):
         build_segmenter("unet", "small", num_classes=3)
