@@ -231,6 +231,47 @@ def test_a_distinctive_teacher_changes_only_the_other_students_loss():
         np.testing.assert_allclose(logs[same], base[same], rtol=1e-6, err_msg=teacher)
 
 
+def test_offset_gradient_matches_the_derivative_of_the_table():
+    rng = np.random.default_rng(2)
+    taps, channels, classes, strength = 2, 3, 4, 0.8
+    weights = rng.normal(size=(taps, channels, classes))
+    variances = rng.uniform(0.1, 2.0, (classes, channels))
+    cotangent = rng.normal(size=(classes, classes))  # d loss / d D[y, c]
+    w = tf.constant(weights, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(w)
+        table = mkd.logit_offsets(w, tf.constant(variances, tf.float32), strength)
+        loss = tf.reduce_sum(table * cotangent)
+    got = tape.gradient(loss, w).numpy()
+    # d D[y, c] / d W[t, a, c] = lambda (W_c - W_y) var_y,a, and the negative for W_y.
+    expected = np.zeros_like(weights)
+    for y in range(classes):
+        for c in range(classes):
+            if c == y:
+                continue
+            term = strength * (weights[..., c] - weights[..., y]) * variances[y]
+            expected[..., c] += cotangent[y, c] * term
+            expected[..., y] -= cotangent[y, c] * term
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset_gradient", [False, True])
+def test_offset_gradient_reaches_the_classifier_only_when_asked(offset_gradient):
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0,
+                offset_gradient=offset_gradient)
+    rng = np.random.default_rng(3)
+    channels = int(model.segmenter.classifier_weights().shape[1])
+    features = tf.constant(rng.normal(size=(2, 4, 4, channels)), tf.float32)
+    logits = tf.constant(rng.normal(size=(2, 4, 4, NUM_CLASSES)), tf.float32)
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, (2, 4, 4)), tf.int32)
+    variables = model.segmenter.trainable_variables
+    with tf.GradientTape() as tape:
+        (augmented,) = model.augmented("student_1", [(features, logits, labels)], 1.0)
+        loss = tf.reduce_sum(tf.nn.softmax(augmented) * logits)
+    reached = [g is not None for g in tape.gradient(loss, variables)]
+    assert any(reached) == offset_gradient
+
+
 def test_step_statistics_leave_out_ignore_pixels_and_are_saved(tmp_path):
     model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01))

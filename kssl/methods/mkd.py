@@ -207,10 +207,11 @@ def logit_offsets(weights, variances, strength) -> tf.Tensor:
 
 
 def augment_logits(logits, labels, offsets, ignore_label: int) -> tf.Tensor:
-    """logits [B, h, w, C] + offsets[label] per pixel; ignore pixels are left as they are."""
+    """logits [B, h, w, C] + offsets[label] per pixel; ignore pixels are left as they are.
+    The gradient reaches `offsets` unless the caller stops it."""
     labels = tf.cast(labels, tf.int32)
     valid = tf.not_equal(labels, ignore_label)
-    added = tf.gather(tf.stop_gradient(offsets), tf.where(valid, labels, 0))
+    added = tf.gather(offsets, tf.where(valid, labels, 0))
     return logits + tf.where(valid[..., None], added, 0.0)
 
 
@@ -335,6 +336,13 @@ class MKD(SegmentationMethod):
       feature_augment: apply the feature augmentation (Eq. 3) at all.
       augment_teachers: also augment the teachers' logits, whose argmax are then the
         targets (the released code; default) - False augments the students only (paper).
+      offset_gradient: let the gradient reach the classifier weights through the logit
+        offsets, as in ISDA's loss and the paper's Eq. 3 (the released code detaches
+        them; default False). The detached offsets grow with the square of the weights
+        and of the features while the margins they oppose grow only linearly, so a run
+        whose features drift far (from scratch, large learning rate) can enter a
+        feedback where the optimizer inflates both without limit; the gradient through
+        the weights pays for that growth and stops it.
       lambda_max, lambda_schedule, lambda_steps: lambda ramps from 0 to lambda_max (1.5)
         over `lambda_steps` steps (the code: the whole run, so set it to train.steps;
         required with feature augmentation), by "cosine" (the code) or "linear".
@@ -361,12 +369,16 @@ class MKD(SegmentationMethod):
 
     base_losses = ("loss", "supervised_loss", "teacher_student_loss",
                    "student_student_loss", "student_1_loss", "student_2_loss")
-    tracked_losses = base_losses + ("confident_share",)
+    # Health of the feature augmentation: the largest logit offset of the students, and
+    # the share of teacher targets whose class the augmentation changed.
+    augmentation_logs = ("largest_logit_offset", "augmented_target_changes")
+    tracked_losses = base_losses + augmentation_logs + ("confident_share",)
 
     def __init__(self, segmenter, num_classes, alpha: float = 1.5, beta: float = 1.0,
                  confidence_threshold: Optional[float] = None, ema_decay: float = 0.6,
                  ema_warmup: bool = True, teacher_bn: str = "batch",
                  feature_augment: bool = True, augment_teachers: bool = True,
+                 offset_gradient: bool = False,
                  lambda_max: float = 1.5, lambda_schedule: str = "cosine",
                  lambda_steps: Optional[int] = None, consistency_on_labelled: bool = True,
                  loss_stride: int = 8, num_boxes: int = 3,
@@ -388,8 +400,9 @@ class MKD(SegmentationMethod):
                              "train.steps) must be a positive number of steps")
         if int(loss_stride) < 1:
             raise ValueError(f"MKD loss_stride must be >= 1, got {loss_stride!r}")
-        tracked = self.base_losses + (
-            ("confident_share",) if confidence_threshold is not None else ())
+        tracked = (self.base_losses
+                   + (self.augmentation_logs if feature_augment else ())
+                   + (("confident_share",) if confidence_threshold is not None else ()))
         super().__init__(segmenter, num_classes, tracked_losses=tracked, **kwargs)
         self.alpha = alpha
         self.beta = beta
@@ -397,6 +410,7 @@ class MKD(SegmentationMethod):
         self.teacher_bn = teacher_bn
         self.feature_augment = feature_augment
         self.augment_teachers = augment_teachers
+        self.offset_gradient = bool(offset_gradient)
         self.lambda_max = lambda_max
         self.lambda_schedule = lambda_schedule
         self.lambda_steps = int(lambda_steps) if lambda_steps else None
@@ -509,7 +523,9 @@ class MKD(SegmentationMethod):
         if name not in self.statistics:
             return [logits for _, logits, _ in parts]
         statistics = self.statistics[name]
-        weights = tf.stop_gradient(self.network(name).classifier_weights())
+        weights = self.network(name).classifier_weights()
+        if not self.offset_gradient:
+            weights = tf.stop_gradient(weights)
         state, out = statistics.read(), []
         for features, logits, labels in parts:
             state = statistics.merge(state, features, labels)
@@ -518,6 +534,16 @@ class MKD(SegmentationMethod):
         statistics.assign(state)
         return out
 
+    def largest_logit_offset(self, strength) -> tf.Tensor:
+        """The largest entry of the students' offset tables from their stored statistics:
+        when it outgrows the logit margins, the augmentation decides the targets."""
+        largest = []
+        for name in NETWORKS[:2]:
+            weights = tf.stop_gradient(self.network(name).classifier_weights())
+            variances = tf.convert_to_tensor(self.statistics[name].variance)
+            largest.append(tf.reduce_max(logit_offsets(weights, variances, strength)))
+        return tf.reduce_max(tf.stack(largest))
+
     def resize_labels(self, masks, size):
         """Ground truth at the loss resolution (nearest; the ignore label stays)."""
         # Resized as float (exact for class ids), which every device's kernel takes.
@@ -525,9 +551,10 @@ class MKD(SegmentationMethod):
         return tf.cast(resized[..., 0], tf.int32)
 
     def teacher_targets(self, name, images_l, labels_l, images_u, boxes, strength) -> tuple:
-        """(targets, confidences) of teacher `name` at the loss resolution, each a list of
-        parts ([labelled,] mixed unlabelled): targets are the argmax of the augmented
-        logits, ignored where the un-augmented probability is below the threshold."""
+        """(targets, confidences, changed) of teacher `name` at the loss resolution: the
+        first two lists of parts ([labelled,] mixed unlabelled), targets the argmax of the
+        augmented logits, ignored where the un-augmented probability is below the
+        threshold; `changed` counts the pixels whose argmax the augmentation changed."""
         training = self.teacher_bn == "batch"
         parts = []
         if self.consistency_on_labelled:
@@ -536,16 +563,18 @@ class MKD(SegmentationMethod):
         _, features, logits = self.forward(name, images_u, training, boxes)
         parts.append((features, logits, tf.argmax(logits, -1, output_type=tf.int32)))
         augmented = self.augmented(name, parts, strength)
-        targets, confidences = [], []
+        targets, confidences, changed = [], [], 0.0
         for (_, logits, _), logits_aug in zip(parts, augmented):
             target = tf.argmax(logits_aug, -1, output_type=tf.int32)
+            changed += tf.reduce_sum(tf.cast(
+                target != tf.argmax(logits, -1, output_type=tf.int32), tf.float32))
             confidence = tf.reduce_max(tf.nn.softmax(logits), -1)
             if self.confidence_threshold is not None:
                 target = tf.where(confidence >= self.confidence_threshold, target,
                                   self.ignore_label)
             targets.append(tf.stop_gradient(target))
             confidences.append(confidence)
-        return targets, confidences
+        return targets, confidences, changed
 
     def student_outputs(self, name, images_l, masks_l, labels_l, mixed, strength) -> tuple:
         """(supervised CE on the labelled images, augmented logits per consistency part)."""
@@ -626,10 +655,10 @@ class MKD(SegmentationMethod):
         mixed, boxes = self.student_view(images_u, step)
         # 3. Teachers on the labelled and the weak unlabelled images (outputs mixed with the
         #    same boxes); targets = argmax of their augmented logits, no gradient.
-        targets_1, confidence_1 = self.teacher_targets("teacher_1", images_l, labels_l,
-                                                       images_u, boxes, strength)
-        targets_2, confidence_2 = self.teacher_targets("teacher_2", images_l, labels_l,
-                                                       images_u, boxes, strength)
+        targets_1, confidence_1, changed_1 = self.teacher_targets(
+            "teacher_1", images_l, labels_l, images_u, boxes, strength)
+        targets_2, confidence_2, changed_2 = self.teacher_targets(
+            "teacher_2", images_l, labels_l, images_u, boxes, strength)
         with tf.GradientTape() as tape:
             # 4. Students: supervised CE (Eq. 5) and augmented logits (Eq. 3).
             supervised_1, logits_1 = self.student_outputs("student_1", images_l, masks_l,
@@ -644,6 +673,13 @@ class MKD(SegmentationMethod):
         self.apply_gradients(tape, terms["loss"], self.optimized_variables())
 
         values = {name: terms[name] for name in self.base_losses}
+        if self.feature_augment:
+            values["largest_logit_offset"] = losses.global_mean(
+                self.largest_logit_offset(strength), 1.0)  # identical on every replica
+            targets = targets_1 + targets_2
+            values["augmented_target_changes"] = losses.global_mean(
+                changed_1 + changed_2,
+                tf.add_n([tf.cast(tf.size(t), tf.float32) for t in targets]))
         if self.confidence_threshold is not None:
             confident = [tf.cast(c >= self.confidence_threshold, tf.float32)
                          for c in confidence_1 + confidence_2]
