@@ -16,7 +16,7 @@ from kssl.data.pseudo_masks import KEY, PseudoMaskStore, write_pseudo_masks
 from kssl.data.readers.shapes import Shapes
 from kssl.methods import ThreeStage, ema
 from kssl.models import branches
-from tiny import TINY_SHAPES_CONFIG
+from tiny import TINY_SHAPES_CONFIG, eager_steps
 
 NUM_CLASSES = 3
 
@@ -287,12 +287,12 @@ def stage2_run(strategy, batches):
                            seed=0, backbone_lr_multiplier=0.5,
                            strong_augment=randaugment.RandAugmentCutout(cutout_size=6))
         model.compile(optimizer=optimizers.SGD(0.1, momentum=0.9))
-    ds = tf.data.Dataset.from_tensor_slices(batches).batch(4)
-    ds = tf.data.Dataset.zip(ds.map(lambda b: {k[2:]: v for k, v in b.items()
-                                               if k.startswith("l_")}),
-                             ds.map(lambda b: {k[2:]: v for k, v in b.items()
-                                               if k.startswith("u_")}))
-    model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+    steps = []
+    for start in (0, 4):  # two global batches of 4
+        part = {k: v[start:start + 4] for k, v in batches.items()}
+        steps.append(tuple({k[2:]: v for k, v in part.items() if k.startswith(prefix)}
+                           for prefix in ("l_", "u_")))
+    eager_steps(strategy, model, steps)
     return model
 
 
