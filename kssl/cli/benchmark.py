@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -83,10 +84,26 @@ def stage_summary(stages: dict) -> str:
     return "; ".join(parts)
 
 
-def format_row(label, metrics, class_names, wall_seconds, command) -> str:
-    """One markdown table row (see the header that `table_header` writes)."""
-    if metrics.get("stages"):
-        label = f"{label} ({stage_summary(metrics['stages'])})"
+def peak_memory() -> str:
+    """This process's peak memory so far: the host's resident set (model, optimizer
+    state, activations, the cached dataset and TF's runtime) and, per GPU, TF's peak
+    allocation."""
+    parts = [f"host {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"]
+    import tensorflow as tf
+
+    for index, _ in enumerate(tf.config.list_logical_devices("GPU")):
+        peak = tf.config.experimental.get_memory_info(f"GPU:{index}")["peak"]
+        parts.append(f"GPU:{index} {peak / 2**30:.2f} GiB")
+    return "peak memory " + ", ".join(parts)
+
+
+def format_row(label, metrics, class_names, wall_seconds, command, memory=None) -> str:
+    """One markdown table row (see the header that `table_header` writes); `memory`
+    (e.g. `peak_memory()`) goes into the label's parentheses."""
+    details = [stage_summary(metrics["stages"])] if metrics.get("stages") else []
+    details += [memory] if memory else []
+    if details:
+        label = f"{label} ({'; '.join(details)})"
     per_class = metrics.get("per_class_iou") or {}
     classes = " ".join(
         f"{name[:4]} {100 * per_class[name]:.1f}" if per_class.get(name) is not None
@@ -212,7 +229,7 @@ def main(argv):
     wall = time.perf_counter() - start
     reader, _, _ = training.dataset_setup()
     row = format_row(FLAGS.label or metrics["method"], metrics,
-                     list(reader.info.class_names), wall, command)
+                     list(reader.info.class_names), wall, command, memory=peak_memory())
     print(row)
     if FLAGS.record:
         append_row(FLAGS.record, FLAGS.table or name, row)
