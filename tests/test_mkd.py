@@ -231,6 +231,22 @@ def test_a_distinctive_teacher_changes_only_the_other_students_loss():
         np.testing.assert_allclose(logs[same], base[same], rtol=1e-6, err_msg=teacher)
 
 
+def test_a_batch_with_non_finite_features_leaves_the_statistics_unchanged():
+    rng = np.random.default_rng(4)
+    statistics = mkd.ClassStatistics(3, 2)
+    features = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+    labels = rng.integers(0, 3, (1, 4, 4)).astype(np.int32)
+    before = [w.numpy() for w in statistics.weights]
+    state = statistics.update(features, labels)
+    after_good = [s.numpy() for s in state]
+    assert after_good[0].sum() == 16
+    features[0, 1, 1, 0] = np.inf
+    state = statistics.update(features, labels)
+    for got, want in zip(state, after_good):
+        np.testing.assert_array_equal(got.numpy(), want)
+    assert not any(np.array_equal(b, a) for b, a in zip(before, after_good))
+
+
 def test_offset_gradient_matches_the_derivative_of_the_table():
     rng = np.random.default_rng(2)
     taps, channels, classes, strength = 2, 3, 4, 0.8

@@ -100,10 +100,11 @@ def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
               proportion_range=(0.5, 0.5)) -> tf.Tensor:
     """Box (CutMix) masks: 1 inside `num_boxes` random rectangles per image, 0 outside.
 
-    Per image a proportion p ~ U(proportion_range) of the image is split over the boxes:
-    each box has height fraction p^u / sqrt(k) and width fraction p^(1-u) / sqrt(k)
-    (u ~ U(0, 1) per box, k = num_boxes, so each box covers p / k of the image with a
-    log-uniform aspect), at a uniform position where it fits. Overlapping boxes combine by
+    Each box draws its own proportion p ~ U(proportion_range) (as the MKD code does; the
+    boxes of an image together cover the mean of their p before overlaps): it has height
+    fraction p^u / sqrt(k) and width fraction p^(1-u) / sqrt(k) (u ~ U(0, 1) per box,
+    k = num_boxes, so it covers p / k of the image with a log-uniform aspect), at a
+    uniform position where it fits. Overlapping boxes combine by
     XOR. One box with p = 0.5 is the ClassMix code's "cut" mask up to its width
     distribution (uniform in [W/2, W] there); that code pastes the *outside* of the box,
     i.e. uses `1 - box_masks(...)`.

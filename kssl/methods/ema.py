@@ -138,15 +138,18 @@ class EMATeacher:
         return self.teacher(images, training=training)
 
     def decay(self, step) -> tf.Tensor:
-        """The decay used for the update after optimizer step `step` (0-based)."""
+        """The decay of the update made at 0-based optimizer step `step` (see `update`)."""
         if self.schedule is not None:
             return tf.cast(self.schedule(step), tf.float32)
         return ema_decay(step, self.max_decay, self.warmup)
 
     def update(self, step) -> None:
-        """teacher <- decay * teacher + (1 - decay) * student, for optimizer step `step`.
+        """teacher <- decay * teacher + (1 - decay) * student, with the decay of `step`.
 
-        Call after the optimizer step, in a train step (replica context) or eagerly.
+        Call in a train step (replica context) or eagerly: after the optimizer step with
+        its 0-based index (mean teachers), or before it with the index of the step about
+        to run (MKD, whose released code averages before the forward pass; the decay
+        schedule then reads the step counter the way that code counts).
         """
         decay = self.decay(step)
 

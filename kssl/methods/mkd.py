@@ -11,17 +11,20 @@ silent or differs, the paper's choice then being an option):
 2. The students' view of the unlabelled batch: one photometric op per image (colour
    jitter, blur, equalize, solarize or greyscale), then CutMix: image i inside three
    random boxes (XOR-combined), image i+1 of the global batch outside.
-3. The teachers run on the weak (unaugmented) unlabelled images and on the labelled
+3. The teachers run on the weak (unaugmented) unlabelled images and, while the
+   consistency terms cover the labelled images (the code's default), on the labelled
    images; their unlabelled logits and classifier features are mixed with the same boxes.
 4. The students run on the labelled images (supervised cross-entropy at full resolution,
    Eq. 5) and on the mixed images.
 5. Feature augmentation (Eq. 3, ISDA-style) of every network's logits z at the loss
    resolution (1/8 of the input): each network keeps a running per-class mean and diagonal
    variance var_y of the features its classifier reads, updated from the step's labelled
-   pixels (ground-truth class) and then its unlabelled pixels (its own argmax); the pixel's
-   logits become z_c + lambda/2 * sum_a (w_c,a - w_y,a)^2 var_y,a (w: the classifier
-   weights; no gradient through the term), lambda ramped up by a cosine over training.
-   Ignore pixels are left out of the statistics and get no term.
+   pixels (ground-truth class; a teacher only when it ran on the labelled images) and then
+   its unlabelled pixels (its own argmax); the pixel's logits become
+   z_c + lambda/2 * sum_a (w_c,a - w_y,a)^2 var_y,a (w: the classifier weights; no
+   gradient through the term unless `offset_gradient`), lambda ramped up by a cosine over
+   training. Ignore pixels are left out of the statistics and get no term; a batch with
+   non-finite features (a skipped mixed-precision step) leaves them unchanged.
 6. Eq. 2 and 4, on the augmented logits, over the labelled and mixed rows:
    L = CE(S1, y) + CE(S2, y)
      + alpha * [CE(S1, argmax T2) + CE(S2, argmax T1)]      (teacher k teaches the other)
@@ -278,6 +281,13 @@ class ClassStatistics(keras.layers.Layer):
         count, mean, variance = state
         batch_count, batch_mean, batch_variance = self.batch_moments(
             tf.stop_gradient(features), labels)
+        # A batch with inf/NaN features (a mixed-precision step the optimizer skips) is
+        # left out: the moments pool every pixel ever seen, so it would spoil them for good.
+        finite = tf.reduce_all(tf.math.is_finite(batch_mean)) & tf.reduce_all(
+            tf.math.is_finite(batch_variance))
+        batch_count = tf.where(finite, batch_count, 0.0)
+        batch_mean = tf.where(finite, batch_mean, 0.0)
+        batch_variance = tf.where(finite, batch_variance, 0.0)
         total = count + batch_count
         w = tf.math.divide_no_nan(batch_count, total)[:, None]
         variance = ((1.0 - w) * variance + w * batch_variance
@@ -331,8 +341,10 @@ class MKD(SegmentationMethod):
         warm-up, ema_decay throughout (the paper's gamma = 0.4: `ema_decay=0.4,
         ema_warmup=False`).
       teacher_bn: "batch" (the released code: teachers average the students' trainable
-        weights only and predict in training mode, on the batch's statistics) or "ema"
-        (batch-norm moving statistics averaged too; teachers predict in inference mode).
+        weights only and predict in training mode, on the batch's statistics; dropout in
+        the head is then active in the teachers too, where the released network has
+        none) or "ema" (batch-norm moving statistics averaged too; teachers predict in
+        inference mode).
       feature_augment: apply the feature augmentation (Eq. 3) at all.
       augment_teachers: also augment the teachers' logits, whose argmax are then the
         targets (the released code; default) - False augments the students only (paper).
@@ -348,7 +360,9 @@ class MKD(SegmentationMethod):
         required with feature augmentation), by "cosine" (the code) or "linear".
       consistency_on_labelled: the four consistency terms also cover the labelled images
         (the released code; default; teachers then also run on them); False keeps them
-        to the unlabelled images, as the paper writes Eq. 2.
+        to the unlabelled images, as the paper writes Eq. 2. The teachers' class
+        statistics then see only their own unlabelled argmax, while the students' still
+        see the labelled pixels with their ground truth.
       loss_stride: the consistency terms and class statistics work at 1/loss_stride of
         the input (8: the code downsamples its stride-4 logits by 2); the supervised
         terms at full resolution.
@@ -400,8 +414,11 @@ class MKD(SegmentationMethod):
                              "train.steps) must be a positive number of steps")
         if int(loss_stride) < 1:
             raise ValueError(f"MKD loss_stride must be >= 1, got {loss_stride!r}")
+        # The teachers' targets change only when their logits are augmented.
+        augmentation_logs = self.augmentation_logs if augment_teachers else (
+            "largest_logit_offset",)
         tracked = (self.base_losses
-                   + (self.augmentation_logs if feature_augment else ())
+                   + (augmentation_logs if feature_augment else ())
                    + (("confident_share",) if confidence_threshold is not None else ()))
         super().__init__(segmenter, num_classes, tracked_losses=tracked, **kwargs)
         self.alpha = alpha
@@ -676,6 +693,7 @@ class MKD(SegmentationMethod):
         if self.feature_augment:
             values["largest_logit_offset"] = losses.global_mean(
                 self.largest_logit_offset(strength), 1.0)  # identical on every replica
+        if self.feature_augment and self.augment_teachers:
             targets = targets_1 + targets_2
             values["augmented_target_changes"] = losses.global_mean(
                 changed_1 + changed_2,
