@@ -155,14 +155,50 @@ def record_model_layout(path, segmenter) -> None:
                     + "\n".join(lines) + "\n")
 
 
+BATCH_SCALING_RULES = ("linear", "sqrt", "none")
+
+
+def scaled_learning_rate(learning_rate: float, batch_size: Optional[int],
+                         reference_batch_size: Optional[int], rule: str = "linear") -> float:
+    """`learning_rate`, given for a global labelled batch of `reference_batch_size`, for a
+    batch of `batch_size`: times batch / reference ("linear", the usual rule for SGD),
+    times its square root ("sqrt", often used with Adam), or unchanged ("none", and
+    whenever either size is None)."""
+    if rule not in BATCH_SCALING_RULES:
+        raise ValueError(f"optimizer.batch_scaling must be one of {BATCH_SCALING_RULES}, "
+                         f"got {rule!r}")
+    if not batch_size or not reference_batch_size or rule == "none":
+        return learning_rate
+    if reference_batch_size <= 0:
+        raise ValueError("optimizer.reference_batch_size must be a positive number of "
+                         f"images, got {reference_batch_size!r}")
+    ratio = batch_size / reference_batch_size
+    return learning_rate * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
 @gin.configurable("optimizer")
 def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
-                    weight_decay=1e-4, schedule="poly", power=0.9, end_learning_rate=0.0):
+                    weight_decay=1e-4, schedule="poly", power=0.9, end_learning_rate=0.0,
+                    reference_batch_size=None, batch_scaling="linear", batch_size=None):
     """SGD (momentum, Nesterov off) or Adam/AdamW with a poly or constant schedule.
 
     The optimizers take per-variable learning-rate multipliers (`kssl.optimizers`), which a
-    method sets (e.g. `ThreeStage.backbone_lr_multiplier`). Weight decay is decoupled (applied by the optimizer) and skips biases and norm layers.
+    method sets (e.g. `ThreeStage.backbone_lr_multiplier`). Weight decay is decoupled
+    (applied by the optimizer) and skips biases and norm layers.
+
+    `reference_batch_size`: the global labelled batch `learning_rate` was tuned for (the
+    paper configs give the paper's). When the run's `batch_size` (`pipeline.batch_size`,
+    passed by `train`) differs, e.g. on fewer or smaller GPUs, the rate (and the poly
+    schedule's end rate) follows `batch_scaling` (see `scaled_learning_rate`).
     """
+    scaled = scaled_learning_rate(learning_rate, batch_size, reference_batch_size,
+                                  batch_scaling)
+    if scaled != learning_rate:
+        print(f"kssl: learning rate {learning_rate:g} scaled to {scaled:g} for a global "
+              f"batch of {batch_size} (tuned for {reference_batch_size}; "
+              f"optimizer.batch_scaling = {batch_scaling!r})", flush=True)
+        end_learning_rate *= scaled / learning_rate
+        learning_rate = scaled
     if schedule == "poly":
         lr = keras.optimizers.schedules.PolynomialDecay(
             learning_rate, total_steps, end_learning_rate=end_learning_rate, power=power)
@@ -743,7 +779,8 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     with dist.scope():
         segmenter = build_model(num_classes)
         model = method_factory(segmenter, num_classes=num_classes)
-        model.compile(optimizer=build_optimizer(steps), jit_compile=jit_compile)
+        model.compile(optimizer=build_optimizer(steps, batch_size=settings["batch_size"]),
+                      jit_compile=jit_compile)
     eval_settings = evaluation_settings()
     # Saved once every configurable has been called, so the file rebuilds the whole run
     # (bin/evaluate, bin/export and bin/predict read it).
