@@ -167,11 +167,11 @@ def scaled_learning_rate(learning_rate: float, batch_size: Optional[int],
     if rule not in BATCH_SCALING_RULES:
         raise ValueError(f"optimizer.batch_scaling must be one of {BATCH_SCALING_RULES}, "
                          f"got {rule!r}")
-    if not batch_size or not reference_batch_size or rule == "none":
-        return learning_rate
-    if reference_batch_size <= 0:
+    if reference_batch_size is not None and reference_batch_size <= 0:
         raise ValueError("optimizer.reference_batch_size must be a positive number of "
                          f"images, got {reference_batch_size!r}")
+    if not batch_size or not reference_batch_size or rule == "none":
+        return learning_rate
     ratio = batch_size / reference_batch_size
     return learning_rate * (ratio if rule == "linear" else math.sqrt(ratio))
 
