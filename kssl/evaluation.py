@@ -70,6 +70,31 @@ def pixel_accuracy_from_confusion(cm) -> float:
     return float(np.trace(cm) / total) if total > 0 else 0.0
 
 
+def class_shares_from_confusion(cm):
+    """Where each class's pixels go, from a confusion matrix (numpy).
+
+    Returns (truth_share, predicted_share, top_confusion, top_confusion_share), each [C]:
+    the share of all counted pixels that are class c in the ground truth and in the
+    predictions; and, among the other classes, the one that class c's true pixels are most
+    often predicted as and the share of c's true pixels it takes (-1 and 0.0 when class c
+    has no true pixel or none of them is mistaken). A predicted share far above the truth
+    share, with a neighbour mistaken for the class, is how confirmation bias shows: the
+    larger class absorbs the one it is confused with.
+    """
+    cm = np.asarray(cm, np.float64)
+    total = cm.sum()
+    scale = 1.0 / total if total > 0 else 0.0
+    truth_share = cm.sum(axis=1) * scale
+    predicted_share = cm.sum(axis=0) * scale
+    off_diagonal = cm - np.diag(np.diag(cm))
+    top = np.argmax(off_diagonal, axis=1)
+    row_total = cm.sum(axis=1)
+    top_count = off_diagonal[np.arange(len(cm)), top]
+    top_share = np.where(row_total > 0, top_count / np.where(row_total > 0, row_total, 1), 0.0)
+    top = np.where(top_count > 0, top, -1)
+    return truth_share, predicted_share, top, top_share
+
+
 # -- streaming Keras metric -----------------------------------------------------------
 class ConfusionMatrix(keras.metrics.Metric):
     """Streaming [C, C] confusion matrix (rows ground truth, columns prediction); its
@@ -395,21 +420,46 @@ def evaluate(model, dataset: tf.data.Dataset, num_classes: int,
 
 def format_iou_table(result: dict, class_names: Optional[Sequence[str]] = None) -> str:
     """A plain-text table of per-class IoU in percent (one decimal), then the mean IoU and
-    pixel accuracy. Classes with an undefined IoU show "n/a"."""
+    pixel accuracy. Classes with an undefined IoU show "n/a".
+
+    When `result` holds a "confusion_matrix" (rows in `class_names` order), three more
+    columns say where each class's pixels go: its share of the true pixels ("true %"), its
+    share of the predictions ("pred %"), and the class its true pixels are most often
+    predicted as, with the share of them ("mistaken for").
+    """
     per_class = result["per_class_iou"]
     names = list(class_names) if class_names is not None else list(per_class)
     missing = [n for n in names if n not in per_class]
     if missing:
         raise ValueError(f"format_iou_table: no IoU for class(es) {missing}")
     width = max([len("mean IoU"), len("pixel accuracy")] + [len(n) for n in names])
+    shares = None
+    if result.get("confusion_matrix") is not None:
+        cm = np.asarray(result["confusion_matrix"])
+        if cm.shape != (len(names), len(names)):
+            raise ValueError(f"format_iou_table: confusion matrix of shape {cm.shape} for "
+                             f"{len(names)} classes")
+        shares = class_shares_from_confusion(cm)
 
     def line(label, value):
         shown = "n/a" if value is None else f"{100.0 * value:.1f}"
         return f"{label:<{width}}  {shown:>6}"
 
-    lines = [f"{'class':<{width}}  {'IoU %':>6}", "-" * (width + 8)]
-    lines += [line(name, per_class[name]) for name in names]
-    lines.append("-" * (width + 8))
+    def class_line(i, name):
+        text = line(name, per_class[name])
+        if shares is None:
+            return text
+        truth, predicted, top, top_share = (column[i] for column in shares)
+        mistaken = f"{names[top]} {100.0 * top_share:.1f}%" if top >= 0 else "-"
+        return f"{text}  {100.0 * truth:>6.1f}  {100.0 * predicted:>6.1f}  {mistaken}"
+
+    header = f"{'class':<{width}}  {'IoU %':>6}"
+    if shares is not None:
+        header += f"  {'true %':>6}  {'pred %':>6}  mistaken for"
+    rule = "-" * len(header)
+    lines = [header, rule]
+    lines += [class_line(i, name) for i, name in enumerate(names)]
+    lines.append(rule)
     lines.append(line("mean IoU", result["mean_iou"]))
     if "pixel_accuracy" in result:
         lines.append(line("pixel accuracy", result["pixel_accuracy"]))

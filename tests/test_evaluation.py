@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl.evaluation import (ConfusionMatrix, confusion_from_labels, describe_mode, evaluate,
-                             format_iou_table, iou_from_confusion, mean_iou_from_confusion,
-                             pixel_accuracy_from_confusion, predict_logits)
+from kssl.evaluation import (ConfusionMatrix, class_shares_from_confusion, confusion_from_labels,
+                             describe_mode, evaluate, format_iou_table, iou_from_confusion,
+                             mean_iou_from_confusion, pixel_accuracy_from_confusion,
+                             predict_logits)
 
 # A hand-checked example, 4 classes, class 3 absent from both ground truth and predictions.
 LABELS = np.array([[[0, 0, 1, 255],
@@ -307,3 +308,32 @@ def test_format_iou_table():
     assert "whole image; 3 images" in table
     assert describe_mode("sliding", window=(512, 1024)) == \
         "sliding window 512x1024, stride 341x683"
+
+
+def test_class_shares_from_confusion_by_hand():
+    # rows truth, columns prediction: 8 "a" pixels (2 called "b"), 4 "b" pixels (1 called
+    # "a"), no "c" pixel at all.
+    cm = [[6, 2, 0], [1, 3, 0], [0, 0, 0]]
+    truth, predicted, top, top_share = class_shares_from_confusion(cm)
+    np.testing.assert_allclose(truth, [8 / 12, 4 / 12, 0.0])
+    np.testing.assert_allclose(predicted, [7 / 12, 5 / 12, 0.0])
+    assert list(top) == [1, 0, -1]
+    np.testing.assert_allclose(top_share, [2 / 8, 1 / 4, 0.0])
+
+
+def test_class_shares_of_a_perfect_prediction_name_no_confusion():
+    truth, predicted, top, top_share = class_shares_from_confusion(np.diag([5, 3]))
+    np.testing.assert_allclose(truth, predicted)
+    assert list(top) == [-1, -1] and list(top_share) == [0.0, 0.0]
+
+
+def test_format_iou_table_with_confusion_columns():
+    result = {"mean_iou": 0.5, "per_class_iou": {"a": 0.6, "b": 0.5, "c": None},
+              "confusion_matrix": [[6, 2, 0], [1, 3, 0], [0, 0, 0]]}
+    lines = format_iou_table(result, ["a", "b", "c"]).splitlines()
+    assert lines[0].split() == ["class", "IoU", "%", "true", "%", "pred", "%", "mistaken", "for"]
+    assert lines[2].split() == ["a", "60.0", "66.7", "58.3", "b", "25.0%"]
+    assert lines[3].split() == ["b", "50.0", "33.3", "41.7", "a", "25.0%"]
+    assert lines[4].split() == ["c", "n/a", "0.0", "0.0", "-"]
+    with pytest.raises(ValueError, match="shape"):
+        format_iou_table(dict(result, confusion_matrix=[[1]]), ["a", "b", "c"])
