@@ -406,15 +406,20 @@ def evaluate(model, dataset: tf.data.Dataset, num_classes: int,
     if num_images == 0:
         raise ValueError("evaluate: the dataset yielded no images")
 
-    iou = metric.per_class_iou()
+    return dict(report_from_confusion(metric.confusion_matrix(), class_names),
+                num_images=num_images, mode=description)
+
+
+def report_from_confusion(cm, class_names: Sequence[str]) -> dict:
+    """The scores of a [C, C] confusion matrix as `evaluate` reports them: "mean_iou",
+    "per_class_iou" ({name: fraction or None}), "pixel_accuracy", "confusion_matrix"."""
+    cm = np.asarray(cm, np.int64)
     return {
-        "mean_iou": metric.mean_iou(),
+        "mean_iou": mean_iou_from_confusion(cm),
         "per_class_iou": {name: (None if math.isnan(v) else float(v))
-                          for name, v in zip(class_names, iou)},
-        "pixel_accuracy": metric.pixel_accuracy(),
-        "num_images": num_images,
-        "mode": description,
-        "confusion_matrix": metric.confusion_matrix().tolist(),
+                          for name, v in zip(class_names, iou_from_confusion(cm))},
+        "pixel_accuracy": pixel_accuracy_from_confusion(cm),
+        "confusion_matrix": cm.tolist(),
     }
 
 

@@ -906,6 +906,14 @@ class PseudoMaskWriter(keras.callbacks.Callback):
                            for name, value in self.report.items() if name.endswith("mean_iou"))
         print(f"kssl: pseudo-mask mean IoU against the ground truth: {scores or 'no labels'}",
               flush=True)
+        # Per class, where the unlabelled pool's pseudo-labels go: the pool self-training
+        # learns from, and where confirmation bias would show first.
+        confusion = self.report.get("unlabelled_confusion_matrix")
+        if confusion is not None:
+            names = list(self.reader.info.class_names)
+            print("kssl: pseudo-masks of the unlabelled pool against their ground truth:")
+            print(evaluation.format_iou_table(
+                evaluation.report_from_confusion(confusion, names), names), flush=True)
 
 
 def train_stages(workdir, method, overwrite=False, start_stage=None,

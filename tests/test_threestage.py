@@ -10,10 +10,11 @@ import tensorflow as tf
 
 from kssl import config, models, optimizers, training
 from kssl.augment import randaugment
-from kssl.data import pipeline
+from kssl.data import pipeline, transforms
 from kssl.data.examples import IGNORE_LABEL, Examples
 from kssl.data.pseudo_masks import KEY, PseudoMaskStore, write_pseudo_masks
 from kssl.data.readers.shapes import Shapes
+from kssl.evaluation import mean_iou_from_confusion
 from kssl.methods import ThreeStage, ema
 from kssl.models import branches
 from tiny import TINY_SHAPES_CONFIG, eager_steps
@@ -278,6 +279,17 @@ def test_writing_under_two_replicas_stores_each_example_once(tmp_path, two_repli
     stored = tf.io.decode_png(tf.io.read_file(str(tmp_path / "pl" / first)))[..., 0].numpy()
     np.testing.assert_array_equal(stored, expected)
     assert set(report) >= {"labelled_mean_iou", "unlabelled_mean_iou", "num_masks"}
+    # The unlabelled pool's confusion matrix counts stored mask against resized truth.
+    files = dict(zip(store.ids, store.index["files"]))
+    counts = np.zeros((7, 7), np.int64)
+    for example in reader.load(unlabelled, True).map(lambda e: transforms.resize(e, (12, 16))):
+        truth = example["mask"].numpy().astype(np.int64)
+        stored = tf.io.decode_png(tf.io.read_file(
+            str(tmp_path / "pl" / files[example["id"].numpy().decode()])))[..., 0].numpy()
+        kept = truth != 255
+        counts += np.bincount(7 * truth[kept] + stored[kept], minlength=49).reshape(7, 7)
+    np.testing.assert_array_equal(report["unlabelled_confusion_matrix"], counts)
+    assert report["unlabelled_mean_iou"] == pytest.approx(mean_iou_from_confusion(counts))
 
 
 # -- distribution -------------------------------------------------------------------------
@@ -363,6 +375,7 @@ def test_three_stages_run_in_turn_and_resume_after_a_crash(tmp_path, monkeypatch
     assert sorted(result["stages"]) == ["1", "2", "3"]
     assert result["stages"]["1"]["steps"] == 2 and result["stages"]["3"]["steps"] == 4
     assert result["stages"]["1"]["pseudo_masks"]["num_masks"] == 24
+    assert np.sum(result["stages"]["2"]["pseudo_masks"]["unlabelled_confusion_matrix"]) > 0
     with open(os.path.join(workdir, "metrics.json")) as f:
         assert json.load(f)["mean_iou"] == pytest.approx(result["mean_iou"])
     # The top-level run is a finished run for bin/evaluate: config and final weights.

@@ -130,8 +130,9 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
       pools: (name, Examples) pairs, e.g. ("labelled", ...), ("unlabelled", ...); a pool
         whose examples all have ground-truth masks gets its pseudo-masks scored.
       resize: the training pipeline's `resize`, so masks match the images it loads.
-    Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...} for each scored pool
-    (pseudo-mask against ground truth at the stored resolution) and "num_masks".
+    Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...,
+    "<name>_confusion_matrix": ...} for each scored pool (pseudo-mask against ground truth
+    at the stored resolution; matrix rows are the true class) and "num_masks".
     """
     if num_classes > 255:
         raise ValueError(f"pseudo-masks are stored as 8-bit class ids (255 = ignore); "
@@ -174,6 +175,7 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
             report[f"{name}_mean_iou"] = evaluation.mean_iou_from_confusion(confusion)
             report[f"{name}_pixel_accuracy"] = evaluation.pixel_accuracy_from_confusion(
                 confusion)
+            report[f"{name}_confusion_matrix"] = confusion.tolist()
     report["num_masks"] = len(ids)
     with open(os.path.join(partial, INDEX), "w") as f:
         json.dump({"ids": ids, "files": files, "num_classes": num_classes,
