@@ -335,8 +335,8 @@ def describe_mode(mode: str = "whole", window=None, stride=None, input_size=None
     return text
 
 
-def _resize_to(logits, size):
-    """Bilinear resize of logits to `size` only where the sizes differ."""
+def resize_logits_to(logits, size):
+    """Bilinear resize of logits [B, h, w, C] to `size` (H, W), only where they differ."""
     same = tf.reduce_all(tf.equal(tf.shape(logits)[1:3], size))
     return tf.cond(same, lambda: logits,
                    lambda: tf.image.resize(logits, size, method="bilinear"))
@@ -390,7 +390,7 @@ def evaluate(model, dataset: tf.data.Dataset, num_classes: int,
         if masks.shape.rank == 4:
             masks = masks[..., 0]
         logits = predict_logits(model, images, mode, window, stride, input_size, flip)
-        metric.update_state(masks, _resize_to(logits, tf.shape(masks)[1:3]))
+        metric.update_state(masks, resize_logits_to(logits, tf.shape(masks)[1:3]))
         return tf.shape(images)[0]
 
     dataset = dataset.prefetch(tf.data.AUTOTUNE)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,17 @@ def test_train_evaluate_export_predict(tmp_path, config_file):
     scored = json.load(open(os.path.join(workdir, "eval_val.json")))
     assert scored["mean_iou"] == pytest.approx(metrics["mean_iou"], abs=1e-6)
     assert scored["mode"] == metrics["mode"] and "40x56" in scored["mode"]
+
+    # A copy of the run makes the same decisions, with the accuracy evaluate found.
+    twin = str(tmp_path / "twin")
+    shutil.copytree(workdir, twin)
+    compared = str(tmp_path / "compare.json")
+    result = run_tool("compare", "--workdir", workdir, "--workdir", twin, "--output", compared)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same class on 100.0 %" in result.stdout
+    comparison = json.load(open(compared))
+    assert comparison["networks"][twin]["pixel_accuracy"] == pytest.approx(
+        metrics["pixel_accuracy"], abs=1e-6)
 
     export_dir = str(tmp_path / "exported")
     result = run_tool("export", "--workdir", workdir, "--output", export_dir)
