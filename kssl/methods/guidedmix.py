@@ -17,7 +17,10 @@ variant="paper" (the default; Sec. 3.1-3.4, Eq. 2-12), per step:
   Loss = CE + L_dec + L_cla + w(t) L_usup (Eq. 9 and 11).
   The paper leaves open on which representation the masks are decoupled and what is
   detached: kssl decouples softmax probabilities and uses the decoupled mask as a
-  stop-gradient target (the direct prediction learns), both configurable.
+  stop-gradient target (the direct prediction learns), both configurable. Then the target
+  is the network's own prediction on a harder (blended) view less lambda times the
+  partner's, which sums to 1 - lambda: the term mostly lowers the confidence of M_u
+  (measured in BENCHMARKS.md); detach="direct" trains the blended pass instead.
   The network is the paper's (`model.arch = 'psp_unet'`: PSP, MITrans, PixelShuffle
   U-Net decoder); any segmenter with named blocks works.
 
