@@ -50,7 +50,8 @@ def pixel_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
 
 def masked_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
                          ignore_label: int = IGNORE_LABEL,
-                         pixel_weights: tf.Tensor | None = None) -> tf.Tensor:
+                         pixel_weights: tf.Tensor | None = None,
+                         class_weights: tf.Tensor | None = None) -> tf.Tensor:
     """Mean cross-entropy over the non-ignored pixels of the global batch.
 
     Args:
@@ -59,13 +60,21 @@ def masked_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
       pixel_weights: optional [B, H, W] weights multiplying each pixel's loss (the mean
         still divides by the number of non-ignored pixels, as confidence-weighted
         pseudo-label losses do).
+      class_weights: optional [C]: each pixel's loss is multiplied by the weight of its
+        label, and the mean divides by the global sum of those weights rather than the
+        pixel count (the weighted mean of PyTorch's `CrossEntropyLoss(weight=...)`, so the
+        loss keeps its scale whatever the weights' average).
     Returns:
       A scalar: this replica's share of the global mean (see the module docstring).
     """
     loss, valid = pixel_cross_entropy(logits, labels, ignore_label)
     if pixel_weights is not None:
         loss = loss * tf.cast(pixel_weights, tf.float32)
-    return global_mean(tf.reduce_sum(loss), tf.reduce_sum(valid))
+    if class_weights is None:
+        return global_mean(tf.reduce_sum(loss), tf.reduce_sum(valid))
+    safe_labels = tf.where(valid > 0, tf.cast(labels, tf.int32), tf.zeros_like(labels, tf.int32))
+    weights = tf.gather(tf.cast(class_weights, tf.float32), safe_labels) * valid
+    return global_mean(tf.reduce_sum(loss * weights), tf.reduce_sum(weights))
 
 
 PSEUDO_LABEL_WEIGHTINGS = ("batch", "image", "pixel", "none")

@@ -33,7 +33,7 @@ from absl import logging
 
 from kssl import config as kssl_config
 from kssl import evaluation, models, optimizers
-from kssl.data import pipeline, splits, validate
+from kssl.data import class_balance, pipeline, splits, validate
 from kssl.data.examples import Examples
 from kssl.data.pseudo_masks import PseudoMaskStore, write_pseudo_masks
 from kssl.data.readers import base as reader_base
@@ -96,6 +96,14 @@ def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 
                 crop_size=tuple(crop_size), scale_range=tuple(scale_range), flip=flip,
                 resize=None if resize is None else tuple(resize), cache=cache, seed=seed,
                 validate_data=validate_data)
+
+
+@gin.configurable("supervised_loss")
+def supervised_loss_settings(class_weights=None):
+    """The supervised loss of every method: `class_weights` is None (unweighted, as the
+    papers train), 'median_frequency' (SegNet's CamVid protocol: computed from the
+    labelled masks, see `kssl.data.class_balance`), or one weight per class."""
+    return class_weights
 
 
 @gin.configurable("model")
@@ -754,6 +762,14 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
           f"{num_classes} classes; method {method.__name__}{stage_text}", flush=True)
     training_pool, method_factory = method_pool(method, stage, labelled, unlabelled,
                                                 unlabelled_reader)
+    try:
+        class_weights = class_balance.resolve_class_weights(
+            supervised_loss_settings(), reader, labelled, num_classes)
+    except ValueError as error:
+        raise kssl_config.ConfigError(str(error)) from None
+    if class_weights is not None:
+        print("kssl: supervised loss class weights: " + class_balance.format_weights(
+            class_weights, reader.info.class_names), flush=True)
     if training_pool is not None and pseudo_masks is not None:
         pseudo_masks.check_matches(num_classes, settings["resize"])
         pseudo_masks.check_covers(training_pool, "training")
@@ -778,7 +794,8 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     with dist.scope():
         segmenter = build_model(num_classes)
-        model = method_factory(segmenter, num_classes=num_classes)
+        model = method_factory(segmenter, num_classes=num_classes,
+                               class_weights=class_weights)
         model.compile(optimizer=build_optimizer(steps, batch_size=settings["batch_size"]),
                       jit_compile=jit_compile)
     eval_settings = evaluation_settings()

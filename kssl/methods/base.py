@@ -57,6 +57,8 @@ class SegmentationMethod(keras.Model):
       num_classes: number of classes.
       ignore_label: label value no loss or metric counts.
       tracked_losses: the names `report` takes (default: the class's `tracked_losses`).
+      class_weights: optional [num_classes] weights of the supervised loss (see
+        `kssl.data.class_balance`); None trains unweighted, as the papers do.
     Subclasses create their other sub-networks (teachers, branches) before calling
     `self.build_networks()`, list every loss they report in `tracked_losses`, and implement
     `train_step`.
@@ -66,11 +68,14 @@ class SegmentationMethod(keras.Model):
     uses_unlabelled = True  # whether train_step reads an unlabelled batch
 
     def __init__(self, segmenter: keras.Model, num_classes: int,
-                 ignore_label: int = IGNORE_LABEL, tracked_losses=None, **kwargs):
+                 ignore_label: int = IGNORE_LABEL, tracked_losses=None,
+                 class_weights=None, **kwargs):
         super().__init__(**kwargs)
         self.segmenter = segmenter
         self.num_classes = num_classes
         self.ignore_label = ignore_label
+        self.class_weights = (None if class_weights is None
+                              else tf.constant(class_weights, tf.float32, [num_classes]))
         # A method whose losses depend on its settings passes its own list.
         names = tuple(tracked_losses or self.tracked_losses)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -120,8 +125,10 @@ class SegmentationMethod(keras.Model):
 
     # -- steps ------------------------------------------------------------------------
     def supervised_loss(self, logits, masks):
-        """Masked cross-entropy over labelled pixels, replica-correct."""
-        return losses.masked_cross_entropy(logits, masks, self.ignore_label)
+        """Masked cross-entropy over labelled pixels (class-weighted when the method has
+        `class_weights`), replica-correct."""
+        return losses.masked_cross_entropy(logits, masks, self.ignore_label,
+                                           class_weights=self.class_weights)
 
     def apply_gradients(self, tape: tf.GradientTape, loss, variables):
         """One optimizer step on `variables`, with mixed-precision loss scaling.
