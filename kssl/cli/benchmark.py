@@ -13,6 +13,7 @@ limits, and records a row of a different table (default table name: `pipeline`).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import resource
@@ -38,6 +39,15 @@ flags.DEFINE_integer("steps", 50, "--pipeline_only: timed batches and training s
 flags.DEFINE_integer("warmup_steps", None,
                      "--pipeline_only: untimed batches (and steps) before each timing "
                      "(default: one pass over the data with pipeline.cache, else 5).")
+flags.DEFINE_string("seeds", None,
+                    "Comma-separated seeds, e.g. 0,1,2: train the config once per seed "
+                    "(train.seed and pipeline.seed) together with its supervised twin "
+                    "(the same config with train.method = @Supervised), and record one row "
+                    "with the mean and spread of the paired difference. Seed k runs in "
+                    "<workdir>/seed_k; a finished seed is reused, an interrupted one resumed.")
+flags.DEFINE_string("twins_dir", os.path.join("runs", "twins"),
+                    "--seeds: where supervised twins are kept, one folder per setting, "
+                    "shared by every config with the same supervised bindings.")
 FLAGS = flags.FLAGS
 
 
@@ -207,12 +217,68 @@ def pipeline_main(command: str) -> None:
         print(f"kssl: appended to table {table!r} in {FLAGS.record}")
 
 
+def paired_main(command: str) -> None:
+    """`--seeds`: each seed of the config and of its supervised twin, and one paired row."""
+    from kssl import config, paired, training
+
+    seeds = paired.parse_seeds(FLAGS.seeds)
+    workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir,
+                                      prefix="benchmark-")
+    method = paired.configured_method()
+    bindings = paired.supervised_bindings()
+    twin_root = os.path.join(FLAGS.twins_dir, paired.twin_key(bindings))
+    os.makedirs(twin_root, exist_ok=True)
+    settings_path = os.path.join(twin_root, "supervised_bindings.json")
+    if not os.path.exists(settings_path):  # what this twin folder holds, for a reader
+        with open(settings_path, "w") as f:
+            json.dump(bindings, f, indent=1, sort_keys=True)
+    is_twin = method == paired.SUPERVISED
+    root = twin_root if is_twin else workdir
+    print(f"kssl: {method} with seeds {seeds} in {root}"
+          + ("" if is_twin else f"; supervised twins in {twin_root}"), flush=True)
+    runs, twins = [], []
+    for seed in seeds:
+        runs.append(paired.run_seed(FLAGS.config, FLAGS.gin_param,
+                                    os.path.join(root, f"seed_{seed}"), seed))
+        if not is_twin:
+            twins.append(paired.run_seed(
+                FLAGS.config, list(FLAGS.gin_param) + ["train.method = @Supervised"],
+                os.path.join(twin_root, f"seed_{seed}"), seed))
+    result = paired.PairedResult(method, runs, None if is_twin else twins)
+    reader, _, _ = config.call_configured(training.dataset_setup)
+    seed_command = paired.quote(paired.train_command(
+        FLAGS.config, list(FLAGS.gin_param) + ["train.seed = K", "pipeline.seed = K"],
+        os.path.join(root, "seed_K")))
+    row = paired.paired_row(FLAGS.label or method, result, list(reader.info.class_names),
+                            machine_description(), datetime.date.today().isoformat(),
+                            command, seed_command)
+    print(row)
+    if FLAGS.record:
+        name = FLAGS.table or os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
+        header = existing_header(FLAGS.record, name)
+        if header is not None and header != paired.paired_table_header().split("\n")[0]:
+            raise config.ConfigError(f"table {name!r} in {FLAGS.record} has other columns "
+                                     "than a --seeds row; choose another --table")
+        append_row(FLAGS.record, name, row, paired.paired_table_header())
+        print(f"kssl: appended to table {name!r} in {FLAGS.record}")
+
+
 @common.guarded
 def main(argv):
     del argv
     from kssl import config, training
 
     command = "bin/benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if FLAGS.seeds is not None:
+        if FLAGS.pipeline_only:
+            common.fail("--seeds trains the config; it does not go with --pipeline_only")
+        try:
+            paired_main(command)
+        except (ValueError, RuntimeError) as error:  # bad --seeds, a seed that failed
+            if isinstance(error, config.ConfigError):
+                raise
+            common.fail(str(error))
+        return
     if FLAGS.pipeline_only:
         common.parse_run_config(FLAGS.config, FLAGS.gin_param)
         pipeline_main(command)

@@ -1,0 +1,227 @@
+"""Paired-seed comparisons: a method against its supervised twin, seed by seed.
+
+One seed of a semi-supervised method against one seed of supervised training is an
+anecdote: two supervised seeds of the same config can differ by a point of mIoU. A claim
+of gain therefore compares each seed of the method with the *twin* run of the same seed
+(the same config with `train.method = @Supervised`: same network, data, labelled split,
+schedule and seed) and looks at the distribution of the paired differences.
+
+Twin runs depend only on the bindings a supervised run reads, so they are stored once per
+distinct setting under `twins_dir/<key>/seed_<k>` and reused by every method whose config
+shares those bindings (a ClassMix and an MKD config on the same data share one twin).
+`twin_key` is that setting's name: a hash of the bindings with everything a supervised run
+ignores left out (method classes and their augmentations, stage-scoped bindings, the
+unlabelled pool and batch, logging options, seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+SUPERVISED = "Supervised"
+# Bindings a supervised run never reads, or that do not change what it learns.
+_IGNORED_PARAMETERS = {
+    "train": {"method", "seed", "verbose", "overwrite", "eval_every_epochs", "start_stage"},
+    "pipeline": {"unlabelled_batch_size", "seed"},
+    "labels": {"unlabelled_file"},
+}
+_IGNORED_CONFIGURABLES = {"unlabelled"}
+_IGNORED_MODULES = ("kssl.methods", "kssl.augment")
+
+
+def seed_bindings(seed: int) -> List[str]:
+    """The bindings that make one seed of a run (weights, shuffling and augmentation)."""
+    return [f"train.seed = {seed}", f"pipeline.seed = {seed}"]
+
+
+def parse_seeds(text: str) -> List[int]:
+    """'0,1,2' -> [0, 1, 2]; raises ValueError naming the text otherwise."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; "
+                         f"got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds must list distinct non-negative integers; got {text!r}")
+    return seeds
+
+
+def configured_method() -> str:
+    """The name of the method class the parsed config trains (`train.method`)."""
+    import gin
+
+    try:
+        method = gin.query_parameter("train.method")
+    except ValueError:
+        return SUPERVISED  # train's default
+    return getattr(method, "selector", str(method)).split(".")[-1].lstrip("@")
+
+
+def supervised_bindings() -> Dict[str, dict]:
+    """The parsed config's bindings that a supervised run reads, by short configurable
+    name (e.g. {"pipeline": {"batch_size": 8, ...}}), values as their gin text."""
+    import gin
+
+    kept: Dict[str, dict] = {}
+    for (scope, selector), parameters in gin.config._CONFIG.items():
+        if scope or selector.startswith(_IGNORED_MODULES):
+            continue
+        name = selector.split(".")[-1]
+        if name in _IGNORED_CONFIGURABLES:
+            continue
+        ignored = _IGNORED_PARAMETERS.get(name, set())
+        values = {key: repr(value) for key, value in parameters.items() if key not in ignored}
+        if values:
+            kept.setdefault(name, {}).update(values)
+    return kept
+
+
+def twin_key(bindings: Dict[str, dict]) -> str:
+    """A short stable name for a supervised setting (hash of its sorted bindings)."""
+    text = json.dumps(bindings, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class SeedRun:
+    """One finished run of one seed."""
+    seed: int
+    workdir: str
+    metrics: dict
+
+    @property
+    def mean_iou(self) -> float:
+        return float(self.metrics["mean_iou"])
+
+    @property
+    def train_minutes(self) -> Optional[float]:
+        """Training time of the whole run (scaled from the timed steps when a resumed run
+        timed only its last part)."""
+        seconds, timed = self.metrics.get("train_seconds"), self.metrics.get("timed_steps")
+        steps = self.metrics.get("steps")
+        if not seconds or not timed or not steps:
+            return None
+        return seconds * steps / timed / 60.0
+
+
+def train_command(config_files: Sequence[str], bindings: Sequence[str], workdir: str) -> List[str]:
+    """The bin/train command line (as a list) of one run."""
+    command = ["bin/train"]
+    for path in config_files:
+        command += ["--config", path]
+    for binding in bindings:
+        command += ["--gin_param", binding]
+    return command + ["--workdir", workdir]
+
+
+def quote(command: Sequence[str]) -> str:
+    return " ".join(shlex.quote(part) for part in command)
+
+
+def run_seed(config_files, bindings, workdir: str, seed: int) -> SeedRun:
+    """Trains (or resumes, or reuses when finished) one seed in a fresh process, so every
+    run starts from a clean gin and TensorFlow state; returns its metrics."""
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(metrics_path):
+        command = train_command(config_files, list(bindings) + seed_bindings(seed), workdir)
+        print(f"kssl: seed {seed}: {quote(command)}", flush=True)
+        result = subprocess.run([sys.executable, "-m", "kssl.cli.train"] + command[1:])
+        if result.returncode != 0 or not os.path.exists(metrics_path):
+            raise RuntimeError(f"seed {seed} failed (exit {result.returncode}); its log is "
+                               f"above, and the same command resumes it: {quote(command)}")
+    else:
+        print(f"kssl: seed {seed}: reusing the finished run in {workdir}", flush=True)
+    with open(metrics_path) as f:
+        return SeedRun(seed, workdir, json.load(f))
+
+
+def mean_and_sd(values: Sequence[float]):
+    """(mean, sample standard deviation); the deviation is nan for one value."""
+    values = np.asarray(values, np.float64)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return float(np.mean(values)), sd
+
+
+def is_gain(differences: Sequence[float]) -> bool:
+    """A gain: at least two seeds and a mean paired difference above twice its sample
+    standard deviation (and above zero)."""
+    mean, sd = mean_and_sd(differences)
+    return len(differences) > 1 and mean > 0 and mean > 2 * sd
+
+
+@dataclasses.dataclass
+class PairedResult:
+    """Seeds of a method and, when it is not supervised, of its twin."""
+    method: str
+    runs: List[SeedRun]
+    twins: Optional[List[SeedRun]] = None
+
+    @property
+    def differences(self) -> Optional[List[float]]:
+        if self.twins is None:
+            return None
+        return [run.mean_iou - twin.mean_iou for run, twin in zip(self.runs, self.twins)]
+
+    def per_class_mean(self, class_names) -> Dict[str, Optional[float]]:
+        """Each class's IoU averaged over the seeds (None where a run has no value)."""
+        out = {}
+        for name in class_names:
+            values = [(run.metrics.get("per_class_iou") or {}).get(name) for run in self.runs]
+            out[name] = None if any(v is None for v in values) else float(np.mean(values))
+        return out
+
+
+def _pm(mean: float, sd: float, scale: float = 100.0) -> str:
+    if math.isnan(sd):
+        return f"{scale * mean:.1f}"
+    return f"{scale * mean:.1f} ± {scale * sd:.1f}"
+
+
+def paired_table_header() -> str:
+    """The header of a paired-seed table (see `paired_row`)."""
+    return ("| method | labelled/unlabelled | steps | seeds | val mIoU (%) | twin mIoU (%) "
+            "| paired difference | verdict | per-class IoU, mean over seeds (%) "
+            "| train img/s | train (min/seed) | machine | date | command |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def paired_row(label: str, result: PairedResult, class_names, machine: str, date: str,
+               command: str, seed_command: str) -> str:
+    """One markdown row: mean ± sample sd over seeds of the method, of its twin and of the
+    paired difference, the verdict, per-class means, speed and the commands."""
+    first = result.runs[0].metrics
+    seeds = ",".join(str(run.seed) for run in result.runs)
+    mious = [run.mean_iou for run in result.runs]
+    per_seed = " / ".join(f"{100 * m:.1f}" for m in mious)
+    if result.twins is None:
+        twin_text, diff_text, verdict = "(is the twin)", "-", "-"
+    else:
+        twin_text = _pm(*mean_and_sd([t.mean_iou for t in result.twins]))
+        diffs = result.differences
+        diff_text = _pm(*mean_and_sd(diffs)) + " (" + " / ".join(
+            f"{100 * d:+.1f}" for d in diffs) + ")"
+        verdict = "gain" if is_gain(diffs) else (
+            "one seed" if len(diffs) < 2 else "no clear gain")
+    per_class = result.per_class_mean(class_names)
+    classes = " ".join(f"{name[:4]} {'-' if v is None else f'{100 * v:.1f}'}"
+                       for name, v in per_class.items())
+    speeds = [r.metrics.get("train_images_per_second") for r in result.runs]
+    speeds = [s for s in speeds if s]
+    minutes = [r.train_minutes for r in result.runs]
+    minutes = [m for m in minutes if m]
+    return (f"| {label} (per seed {per_seed}) "
+            f"| {first['labelled_images']}/{first['unlabelled_images']} | {first['steps']} "
+            f"| {seeds} | {_pm(*mean_and_sd(mious))} | {twin_text} | {diff_text} | {verdict} "
+            f"| {classes} | {'-' if not speeds else f'{np.mean(speeds):.1f}'} "
+            f"| {'-' if not minutes else f'{np.mean(minutes):.1f}'} | {machine} | {date} "
+            f"| `{command}`; seed k alone: `{seed_command}` |")

@@ -1,0 +1,138 @@
+"""Paired-seed benchmarking: twin identity, statistics of the paired differences, the
+recorded row, and bin/benchmark --seeds reusing finished seeds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kssl import config, paired
+from kssl import training  # noqa: F401  (registers the configurables)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["Sky", "Road"]
+
+
+def seed_run(seed, miou, sky, speed=20.0):
+    return paired.SeedRun(seed, f"w/seed_{seed}", {
+        "mean_iou": miou, "labelled_images": 23, "unlabelled_images": 344, "steps": 2000,
+        "per_class_iou": {"Sky": sky, "Road": None}, "train_images_per_second": speed,
+        "train_seconds": 600.0, "timed_steps": 1000})
+
+
+def cells(row):
+    return [cell.strip() for cell in row.strip().strip("|").split("|")]
+
+
+def test_row_reports_mean_and_sample_sd_of_the_paired_differences():
+    runs = [seed_run(0, 0.40, 0.9), seed_run(1, 0.43, 0.8), seed_run(2, 0.41, 0.7)]
+    twins = [seed_run(0, 0.37, 0.9), seed_run(1, 0.38, 0.8), seed_run(2, 0.38, 0.7)]
+    result = paired.PairedResult("ClassMix", runs, twins)
+    row = paired.paired_row("ClassMix", result, NAMES, "cpu", "2026-12-06", "bin/benchmark x",
+                            "bin/train y")
+    values = cells(row)
+    assert len(values) == len(cells(paired.paired_table_header().splitlines()[0]))
+    diffs = np.array([0.03, 0.05, 0.03]) * 100
+    assert values[0] == "ClassMix (per seed 40.0 / 43.0 / 41.0)"
+    assert values[3] == "0,1,2"
+    m = np.array([40.0, 43.0, 41.0])
+    assert values[4] == f"{m.mean():.1f} ± {m.std(ddof=1):.1f}"
+    t = np.array([37.0, 38.0, 38.0])
+    assert values[5] == f"{t.mean():.1f} ± {t.std(ddof=1):.1f}"
+    assert values[6] == f"{diffs.mean():.1f} ± {diffs.std(ddof=1):.1f} (+3.0 / +5.0 / +3.0)"
+    assert values[7] == "gain"  # 3.67 > 2 * 1.15
+    assert values[8] == "Sky 80.0 Road -"
+    assert values[10] == "20.0"  # 600 s for 1000 of 2000 steps -> 20 min
+    assert values[-1] == "`bin/benchmark x`; seed k alone: `bin/train y`"
+
+
+def test_verdict_needs_two_seeds_and_twice_the_spread():
+    assert not paired.is_gain([0.05])
+    assert paired.is_gain([0.03, 0.031])
+    assert not paired.is_gain([0.03, -0.01])  # mean 0.01, sd 0.028
+    assert not paired.is_gain([-0.03, -0.031])
+    mean, sd = paired.mean_and_sd([0.03, -0.01])
+    assert mean == pytest.approx(0.01) and sd == pytest.approx(np.std([0.03, -0.01], ddof=1))
+
+
+@pytest.mark.parametrize("text", ["0,a", "", "1,1", "-1"])
+def test_bad_seed_lists_are_named(text):
+    with pytest.raises(ValueError, match="--seeds"):
+        paired.parse_seeds(text)
+
+
+def key_of(files, bindings=()):
+    import gin
+
+    gin.clear_config()
+    config.parse([os.path.join(REPO, f) for f in files], list(bindings))
+    key = paired.twin_key(paired.supervised_bindings())
+    gin.clear_config()
+    return key
+
+
+def test_methods_on_the_same_data_share_one_twin():
+    supervised = key_of(["configs/supervised_camvid_lite0.gin"])
+    assert key_of(["configs/classmix_camvid_lite0.gin"]) == supervised
+    assert key_of(["configs/mkd_camvid_lite0.gin"]) == supervised
+    # GuidedMix's paper recipe trains its own network (psp_unet): another twin.
+    assert key_of(["configs/guidedmix_camvid_lite0.gin"]) != supervised
+    assert key_of(["configs/supervised_camvid_lite0.gin"], ["train.seed = 5"]) == supervised
+    assert key_of(["configs/supervised_camvid_lite0.gin"], ["train.steps = 1000"]) != supervised
+    assert key_of(["configs/supervised_camvid_lite0.gin"],
+                  ["labels.split_file = None"]) != supervised
+
+
+def write_finished(workdir, seed, miou):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump({"mean_iou": miou, "labelled_images": 8, "unlabelled_images": 16,
+                   "steps": 6, "per_class_iou": {"background": miou, "square": miou,
+                                                 "circle": miou},
+                   "train_images_per_second": 10.0, "train_seconds": 1.0,
+                   "timed_steps": 5, "seed": seed}, f)
+
+
+def test_benchmark_seeds_pairs_finished_runs_and_records_one_row(tmp_path):
+    """Finished seeds (method and twin) are reused, not retrained; the recorded row holds
+    the paired statistics of their metrics."""
+    from tiny import TINY_SHAPES_CONFIG
+
+    cfg = tmp_path / "tiny_classmix.gin"
+    cfg.write_text(TINY_SHAPES_CONFIG + "train.method = @ClassMix\ntrain.steps = 6\n"
+                   "train.steps_per_epoch = 3\n")
+    import gin
+
+    config.parse([str(cfg)])
+    key = paired.twin_key(paired.supervised_bindings())
+    gin.clear_config()
+    workdir, twins = tmp_path / "run", tmp_path / "twins"
+    for seed, (m, t) in enumerate([(0.50, 0.40), (0.56, 0.44)]):
+        write_finished(str(workdir / f"seed_{seed}"), seed, m)
+        write_finished(str(twins / key / f"seed_{seed}"), seed, t)
+    record = tmp_path / "B.md"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bin", "benchmark"), "--config", str(cfg),
+         "--seeds", "0,1", "--workdir", str(workdir), "--twins_dir", str(twins),
+         "--record", str(record), "--table", "t"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("reusing the finished run") == 4
+    row = [line for line in record.read_text().splitlines() if line.startswith("| ClassMix")]
+    values = cells(row[0])
+    assert values[4] == f"53.0 ± {np.std([50.0, 56.0], ddof=1):.1f}"
+    assert values[6] == f"11.0 ± {np.std([10.0, 12.0], ddof=1):.1f} (+10.0 / +12.0)"
+    assert values[7] == "gain"  # 11 > 2 * 1.41
+
+
+def test_benchmark_seeds_rejects_a_bad_list(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bin", "benchmark"), "--config",
+         os.path.join(REPO, "configs", "quickstart.gin"), "--seeds", "0,x"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --seeds")
