@@ -130,6 +130,17 @@ class SegmentationMethod(keras.Model):
         return losses.masked_cross_entropy(logits, masks, self.ignore_label,
                                            class_weights=self.class_weights)
 
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """What the unlabelled loss trains on for `images`, for the pseudo-label monitor
+        (`kssl.pseudo_label_monitor`): {name: (labels [B, H, W] int, admitted [B, H, W]
+        bool or None for all)} at the images' size, computed in inference mode without
+        changing any state. Mixing and strong augmentation are left out: a mixed target
+        takes each pixel from one of these. `labelled_images` [B, H, W, 3], one labelled
+        image per unlabelled one, serves methods whose target mixes in a labelled image.
+        A method without pseudo-labels returns {} (the default)."""
+        del images, labelled_images
+        return {}
+
     def apply_gradients(self, tape: tf.GradientTape, loss, variables):
         """One optimizer step on `variables`, with mixed-precision loss scaling.
 

@@ -99,6 +99,15 @@ class ClassMix(SegmentationMethod):
         """The student (or the teacher with `inference="teacher"`)."""
         return self.teacher if self.inference == "teacher" else self.segmenter
 
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """The teacher's argmax on the unmixed images, admitted where its confidence
+        exceeds the threshold (a mixed pseudo-label takes each pixel from one of these).
+        The teacher runs in inference mode even with teacher_bn="batch", so that the
+        monitor leaves its statistics untouched."""
+        probs = tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32))
+        return {"teacher": (tf.argmax(probs, -1, output_type=tf.int32),
+                            tf.reduce_max(probs, -1) > self.confidence_threshold)}
+
     def masks(self, teacher_labels, seed):
         """One mixing mask per unlabelled image: 1 where image i is kept over image i+1."""
         batch = tf.shape(teacher_labels)[0]

@@ -307,20 +307,41 @@ class GuidedMix(SegmentationMethod):
         """Squared error between the decoupled mask M_mix - lambda M_guide and the direct
         prediction (Eq. 10 and 12), per `decoupling`, `decouple_on` and `detach`;
         `counted` [B] optionally leaves rows out (see `losses.squared_error`)."""
-        mixed, guide, direct = (self._representation(x)
-                                for x in (logits_mix, logits_guide, logits_direct))
-        weight = tf.reshape(lambdas, [-1, 1, 1, 1])
-        if self.decoupling == "hard":
-            decoupled = mixed - guide
-        elif self.decoupling == "soft":
-            decoupled = mixed - weight * guide
-        else:
-            decoupled = (mixed - weight * guide) / (1.0 - weight)
+        decoupled = self.decoupled(logits_mix, logits_guide, lambdas)
+        direct = self._representation(logits_direct)
         if self.detach == "decoupled":
             decoupled = tf.stop_gradient(decoupled)
         elif self.detach == "direct":
             direct = tf.stop_gradient(direct)
         return losses.squared_error(direct, decoupled, counted)
+
+    def decoupled(self, logits_mix, logits_guide, lambdas):
+        """The decoupled mask M_mix - lambda M_guide (per `decoupling` and `decouple_on`):
+        the paper recipe's target for the direct prediction."""
+        mixed, guide = self._representation(logits_mix), self._representation(logits_guide)
+        weight = tf.reshape(lambdas, [-1, 1, 1, 1])
+        if self.decoupling == "hard":
+            return mixed - guide
+        if self.decoupling == "soft":
+            return mixed - weight * guide
+        return (mixed - weight * guide) / (1.0 - weight)
+
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """Paper recipe: the argmax of the decoupled mask, with each image mixed with its
+        labelled partner by the lambdas of step 0 (fixed, so the curve follows the network
+        alone). Released recipe: the argmax of the direct prediction, its focal target."""
+        net = self.segmenter
+        if self.variant == "released":
+            logits = net(images, training=False)
+            return {"direct_prediction": (tf.argmax(logits, -1, output_type=tf.int32), None)}
+        if labelled_images is None:
+            return {}
+        images = tf.cast(images, tf.float32)
+        partners = tf.cast(labelled_images, tf.float32)
+        lambdas = self._lambdas(tf.constant(0, tf.int64), _LAMBDA_STREAM, tf.shape(images)[0])
+        logits_mix = net(mixing.interpolate(lambdas, partners, images), training=False)
+        decoupled = self.decoupled(logits_mix, net(partners, training=False), lambdas)
+        return {"decoupled": (tf.argmax(decoupled, -1, output_type=tf.int32), None)}
 
     def released_losses(self, labelled, unlabelled_images, step) -> dict:
         """Every loss term of the released code's recipe (see the module docstring)."""

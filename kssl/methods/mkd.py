@@ -593,6 +593,20 @@ class MKD(SegmentationMethod):
             confidences.append(confidence)
         return targets, confidences, changed
 
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """Each teacher's targets on the weak unlabelled view at the input size: the
+        argmax of its logits, admitted where its confidence reaches the threshold (all
+        pixels without one). The feature augmentation of the teachers' logits is left
+        out: it would update the class statistics."""
+        targets = {}
+        for name in NETWORKS[2:]:
+            logits = tf.cast(self.network(name)(images, training=False), tf.float32)
+            probs = tf.nn.softmax(logits)
+            admitted = (None if self.confidence_threshold is None
+                        else tf.reduce_max(probs, -1) >= self.confidence_threshold)
+            targets[name] = (tf.argmax(probs, -1, output_type=tf.int32), admitted)
+        return targets
+
     def student_outputs(self, name, images_l, masks_l, labels_l, mixed, strength) -> tuple:
         """(supervised CE on the labelled images, augmented logits per consistency part)."""
         full, features_l, logits_l = self.forward(name, images_l, True, full_size=True)

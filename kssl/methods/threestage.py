@@ -158,6 +158,15 @@ class ThreeStage(SegmentationMethod):
             return self.teacher
         return self.segmenter
 
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """Stages 2-3: the teacher's consistency targets (argmax on the weak view, every
+        pixel admitted). The stored pseudo-masks are scored when they are written (the
+        run's `pseudo_masks` report). Stage 1 trains on labels alone: {}."""
+        if self.stage == 1:
+            return {}
+        logits = self.teacher(images, training=False)
+        return {"teacher": (tf.argmax(logits, -1, output_type=tf.int32), None)}
+
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         optimizers.set_learning_rate_multiplier(self.optimizer, self.backbone_variables(),

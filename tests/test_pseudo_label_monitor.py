@@ -1,0 +1,132 @@
+"""The pseudo-label monitor: its scores against a hand count, its history through a
+resume, and what each method hands it."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import pseudo_label_monitor as monitor
+from kssl.data.examples import IGNORE_LABEL
+from kssl.methods import ClassMix, GuidedMix, MKD, Supervised
+from tiny import NUM_CLASSES, tiny_segmenter
+
+NAMES = ["a", "b", "c"]
+
+
+def test_scores_equal_a_hand_count():
+    labels = np.array([[[0, 0, 1], [2, 2, 2]]])
+    truth = np.array([[[0, 1, 1], [2, 2, IGNORE_LABEL]]])
+    admitted = np.array([[[True, False, True], [True, True, False]]])
+    prior = np.array([0.5, 0.25, 0.25])
+    scores = monitor.score_targets(labels, admitted, truth, prior, NAMES)
+    # Valid pixels (truth != 255): 5. Confusion (truth, label): (0,0) (1,0) (1,1) (2,2) (2,2)
+    # IoU a = 1 / (1 + 1) = 0.5, b = 1 / 2 = 0.5, c = 2 / 2 = 1.0 -> mean 2/3.
+    assert scores["mean_iou"] == pytest.approx(2 / 3)
+    assert scores["accuracy"] == pytest.approx(4 / 5)
+    # Admitted: 4 of 6 pixels; admitted and valid: (0,0) (1,1) (2,2) -> all right.
+    assert scores["admitted_share"] == pytest.approx(4 / 6)
+    assert scores["admitted_accuracy"] == pytest.approx(1.0)
+    # Shares of the admitted labels 0, 1, 2, 2 -> 1/4, 1/4, 1/2.
+    assert scores["class_share"] == pytest.approx({"a": 0.25, "b": 0.25, "c": 0.5})
+    assert scores["most_gained"] == ["c", pytest.approx(25.0)]
+    assert scores["most_lost"] == ["a", pytest.approx(-25.0)]
+    p = np.array([0.25, 0.25, 0.5]) + 1e-6
+    q = prior + 1e-6
+    p, q = p / p.sum(), q / q.sum()
+    assert scores["kl_to_prior"] == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-6)
+
+
+def test_without_ground_truth_only_the_distribution_is_scored():
+    scores = monitor.score_targets(np.zeros((1, 2, 2), int), np.ones((1, 2, 2), bool), None,
+                                   np.array([1 / 3] * 3), NAMES)
+    assert scores["mean_iou"] is None and scores["admitted_accuracy"] is None
+    assert scores["class_share"]["a"] == 1.0
+
+
+class FakeMethod(keras.Model):
+    """Labels every pixel with the optimizer's step count modulo 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.optimizer = keras.optimizers.SGD()
+        self.optimizer.build([])
+
+    def pseudo_label_targets(self, images, labelled_images=None):
+        label = int(self.optimizer.iterations.numpy()) % 3
+        shape = tf.shape(images)[:3]
+        return {"teacher": (tf.fill(shape, label), None)}
+
+
+def test_history_is_kept_and_reloaded_on_resume(tmp_path, capsys):
+    images = np.zeros((3, 2, 2, 3), np.float32)
+    truth = np.zeros((3, 2, 2), np.int64)
+    make = lambda: monitor.PseudoLabelMonitor(images, truth, None, [1 / 3] * 3, NAMES,
+                                              every_steps=2, directory=str(tmp_path),
+                                              batch_size=2)
+    callback, model = make(), FakeMethod()
+    callback.set_model(model)
+    for _ in range(3):
+        model.optimizer.iterations.assign_add(1)
+        callback.on_train_batch_end(0)
+    callback.on_epoch_end(0)
+    assert "pseudo-labels (teacher) at step 2: mIoU" in capsys.readouterr().out
+    saved = json.load(open(tmp_path / monitor.HISTORY_FILE))
+    assert [e["step"] for e in saved["teacher"]] == [2]
+    assert saved["teacher"][0]["accuracy"] == 0.0  # label 2 against truth 0
+    resumed = make()  # a new process: the curve goes on from the file
+    resumed.set_model(model)
+    model.optimizer.iterations.assign_add(1)
+    resumed.on_train_batch_end(0)  # step 4
+    resumed.on_train_end()  # already measured at 4: not again
+    assert [e["step"] for e in resumed.history["teacher"]] == [2, 4]
+    assert resumed.history["teacher"][1]["accuracy"] == 0.0  # label 1
+    assert os.path.isdir(tmp_path / "logs" / "pseudo_labels")
+
+
+def test_a_method_without_pseudo_labels_turns_the_monitor_off(tmp_path):
+    callback = monitor.PseudoLabelMonitor(np.zeros((1, 4, 4, 3), np.float32), None, None,
+                                          [1 / 3] * 3, NAMES, every_steps=1,
+                                          directory=str(tmp_path))
+    model = Supervised(tiny_segmenter(0), NUM_CLASSES)
+    model.compile(optimizer=keras.optimizers.SGD())
+    model.optimizer.build(model.trainable_variables)
+    callback.set_model(model)
+    callback.on_train_batch_end(0)
+    assert not callback.active and callback.history == {}
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_classmix_hands_over_its_teachers_thresholded_argmax():
+    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.4, seed=0)
+    images = tf.random.stateless_uniform((2, 8, 8, 3), (1, 2), 0, 255)
+    labels, admitted = model.pseudo_label_targets(images)["teacher"]
+    probs = softmax(model.teacher(images, training=False).numpy().astype(np.float64))
+    np.testing.assert_array_equal(labels.numpy(), probs.argmax(-1))
+    np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) > 0.4)
+
+
+def test_guidedmix_paper_target_is_the_argmax_of_the_decoupled_mask():
+    from kssl import models
+
+    segmenter = models.build_segmenter(arch="psp_unet", backbone="small", num_classes=3,
+                                       psp_channels=8)
+    model = GuidedMix(segmenter, 3, variant="paper", pairs="random", seed=0)
+    images = tf.random.stateless_uniform((2, 16, 16, 3), (3, 4), 0, 255)
+    partners = tf.random.stateless_uniform((2, 16, 16, 3), (5, 6), 0, 255)
+    labels, admitted = model.pseudo_label_targets(images, partners)["decoupled"]
+    assert admitted is None
+    lambdas = model._lambdas(tf.constant(0, tf.int64), 2, 2).numpy()
+    weight = lambdas.reshape(-1, 1, 1, 1)
+    mixed = weight * partners.numpy() + (1 - weight) * images.numpy()
+    p_mix = softmax(segmenter(tf.constant(mixed), training=False).numpy().astype(np.float64))
+    p_guide = softmax(segmenter(partners, training=False).numpy().astype(np.float64))
+    expected = model.decoupled(tf.math.log(p_mix), tf.math.log(p_guide), lambdas)
+    np.testing.assert_array_equal(labels.numpy(), np.argmax(expected.numpy(), -1))
