@@ -225,3 +225,27 @@ def paired_row(label: str, result: PairedResult, class_names, machine: str, date
             f"| {classes} | {'-' if not speeds else f'{np.mean(speeds):.1f}'} "
             f"| {'-' if not minutes else f'{np.mean(minutes):.1f}'} | {machine} | {date} "
             f"| `{command}`; seed k alone: `{seed_command}` |")
+
+
+def format_comparison(result: PairedResult) -> str:
+    """The val mIoU of each seed side by side: the twin, the method and their difference,
+    then the mean (and sample standard deviation over two or more seeds)."""
+    if result.twins is None:
+        lines = ["seed  Supervised"] + [f"{r.seed:<4}  {100 * r.mean_iou:10.1f}"
+                                        for r in result.runs]
+        mean, sd = mean_and_sd([r.mean_iou for r in result.runs])
+        lines.append(f"mean  {100 * mean:10.1f}" + ("" if math.isnan(sd)
+                                                    else f"  (sd {100 * sd:.1f})"))
+        return "\n".join(lines)
+    width = max(len(result.method), 10)
+    lines = [f"seed  {'Supervised':>10}  {result.method:>{width}}  difference"]
+    for run, twin, diff in zip(result.runs, result.twins, result.differences):
+        lines.append(f"{run.seed:<4}  {100 * twin.mean_iou:10.1f}  "
+                     f"{100 * run.mean_iou:{width}.1f}  {100 * diff:+10.1f}")
+    twin_mean, _ = mean_and_sd([t.mean_iou for t in result.twins])
+    run_mean, _ = mean_and_sd([r.mean_iou for r in result.runs])
+    diff_mean, diff_sd = mean_and_sd(result.differences)
+    lines.append(f"mean  {100 * twin_mean:10.1f}  {100 * run_mean:{width}.1f}  "
+                 f"{100 * diff_mean:+10.1f}" + ("" if math.isnan(diff_sd)
+                                                else f"  (sd {100 * diff_sd:.1f})"))
+    return "\n".join(lines)

@@ -122,6 +122,9 @@ def test_benchmark_seeds_pairs_finished_runs_and_records_one_row(tmp_path):
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("reusing the finished run") == 4
+    table = result.stdout.split("seed by seed\n", 1)[1].splitlines()
+    assert table[1].split() == ["0", "40.0", "50.0", "+10.0"]
+    assert table[3].split()[:4] == ["mean", "42.0", "53.0", "+11.0"]
     row = [line for line in record.read_text().splitlines() if line.startswith("| ClassMix")]
     values = cells(row[0])
     assert values[4] == f"53.0 ± {np.std([50.0, 56.0], ddof=1):.1f}"

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 
 from kssl.cli import common
 
@@ -245,6 +245,7 @@ def paired_main(command: str) -> None:
                 FLAGS.config, list(FLAGS.gin_param) + ["train.method = @Supervised"],
                 os.path.join(twin_root, f"seed_{seed}"), seed))
     result = paired.PairedResult(method, runs, None if is_twin else twins)
+    print("kssl: val mean IoU (%), seed by seed\n" + paired.format_comparison(result))
     reader, _, _ = config.call_configured(training.dataset_setup)
     seed_command = paired.quote(paired.train_command(
         FLAGS.config, list(FLAGS.gin_param) + ["train.seed = K", "pipeline.seed = K"],
@@ -303,7 +304,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_tool(main, __name__)
 
 
 if __name__ == "__main__":
