@@ -71,14 +71,19 @@ def global_batch():
     return labelled, unlabelled
 
 
-def train_two_steps(strategy, weights, teacher_bn):
+# Every pseudo-label control on, with fast-moving running state.
+CONTROLS = dict(thresholds="class_adaptive", distribution_alignment=True,
+                class_aware_mixing=True, control_decay=0.5, class_prior=[0.5, 0.3, 0.2])
+
+
+def train_two_steps(strategy, weights, teacher_bn, controls=False):
     ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
     with strategy.scope():
         # Masks and augmentations are drawn statelessly from (seed, step, global example
         # index), so both runs draw the same ones; a low threshold makes the weight > 0.
         model = ClassMix(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.4,
                          strong_augment=StrongAugment(1.0, 1.0), teacher_bn=teacher_bn,
-                         seed=3)
+                         seed=3, **(CONTROLS if controls else {}))
         model.segmenter.set_weights(weights)
         model.teacher.set_weights(weights)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
@@ -89,13 +94,25 @@ def train_two_steps(strategy, weights, teacher_bn):
     return model, history.history, students
 
 
-@pytest.mark.parametrize("teacher_bn", ["ema", "batch"])
-def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas, teacher_bn):
+@pytest.mark.parametrize("teacher_bn, controls", [("ema", False), ("batch", False),
+                                                  ("ema", True)])
+def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas, teacher_bn,
+                                                                    controls):
     start = tiny_segmenter(0).get_weights()
-    single, logs, students = train_two_steps(tf.distribute.get_strategy(), start, teacher_bn)
-    double, double_logs, _ = train_two_steps(two_replicas, start, teacher_bn)
+    single, logs, students = train_two_steps(tf.distribute.get_strategy(), start, teacher_bn,
+                                             controls)
+    double, double_logs, _ = train_two_steps(two_replicas, start, teacher_bn, controls)
+    if controls:  # the controls' running state: the single-device one, on both replicas
+        for layer in ("class_confidence", "alignment"):
+            for want, variable in zip(getattr(single, layer).weights,
+                                      getattr(double, layer).weights):
+                assert not np.allclose(want.numpy(), 1.0)  # it moved
+                for copy in variable.value.values:
+                    np.testing.assert_allclose(copy.numpy(), want.numpy(), rtol=1e-5)
     assert double.distribute_strategy.num_replicas_in_sync == 2
-    assert 0 < logs["confident_share"][0] < 1 and logs["unsupervised_loss"][0] > 0
+    # (the adaptive thresholds lower the bar of the less confident classes: all may pass)
+    assert 0 < logs["confident_share"][0] <= (1 if controls else 0.999)
+    assert logs["unsupervised_loss"][0] > 0
     np.testing.assert_allclose(double_logs["loss"], logs["loss"], rtol=1e-5)
     for network in ("segmenter", "teacher"):  # BN moving statistics included
         for a, b in zip(getattr(single, network).get_weights(),
@@ -124,9 +141,18 @@ TINY_CONFIG = TINY_SHAPES_CONFIG + """
 shapes.num_val = 2
 train.method = @ClassMix
 ClassMix.strong_augment = True
+ClassMix.thresholds = 'class_adaptive'
+ClassMix.distribution_alignment = True
+ClassMix.class_aware_mixing = True
 train.steps = 2
 train.steps_per_epoch = 1
 """
+
+
+def saved_state(model):
+    """The teacher's weights and the pseudo-label controls' running state."""
+    return [w.copy() for w in model.teacher.get_weights()
+            + model.class_confidence.get_weights() + model.alignment.get_weights()]
 
 
 class Crash(Exception):
@@ -135,7 +161,8 @@ class Crash(Exception):
 
 def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monkeypatch):
     """Two steps through kssl.training.train, killed after the first: the resumed run
-    restores the teacher and the step counter from the backup."""
+    restores the teacher, the controls' running state (class confidence, class
+    distribution) and the step counter from the backup."""
     path = tmp_path / "classmix.gin"
     path.write_text(TINY_CONFIG)
     workdir = str(tmp_path / "run")
@@ -144,7 +171,7 @@ def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monk
     teachers = []
 
     def crash_in_second_epoch(self, epoch, logs=None):
-        teachers.append([w.copy() for w in self.model.teacher.get_weights()])
+        teachers.append(saved_state(self.model))
         if epoch == 1:
             raise Crash()
 
@@ -158,15 +185,21 @@ def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monk
         teachers.clear()
         monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
                             lambda self, epoch, logs=None: teachers.append(
-                                [w.copy() for w in self.model.teacher.get_weights()]))
+                                saved_state(self.model)))
         metrics = training.train(workdir)
     finally:
         gin.clear_config()
     assert len(teachers) == 1  # only the second epoch ran
+    assert not np.allclose(saved[-3], 1.0)  # the class confidence moved from its start
     for got, want in zip(teachers[0], saved):
         np.testing.assert_array_equal(got, want)
     assert metrics["steps"] == 2 and metrics["method"] == "ClassMix"
     assert 0.0 <= metrics["mean_iou"] <= 1.0
+    # The pseudo-label monitor measured after each step, its first point kept through the
+    # crash; the Shapes pool has ground truth, so the pseudo-labels are scored.
+    curve = metrics["pseudo_label_monitor"]["teacher"]
+    assert [entry["step"] for entry in curve] == [1, 2]
+    assert all(0.0 <= entry["mean_iou"] <= 1.0 for entry in curve)
 
 
 @pytest.mark.parametrize("bias, confident", [(10.0, True), (2.0, False)])

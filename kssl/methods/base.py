@@ -20,6 +20,7 @@ summed over replicas equal the single-device gradient.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kssl import losses
@@ -59,6 +60,8 @@ class SegmentationMethod(keras.Model):
       tracked_losses: the names `report` takes (default: the class's `tracked_losses`).
       class_weights: optional [num_classes] weights of the supervised loss (see
         `kssl.data.class_balance`); None trains unweighted, as the papers do.
+      class_prior: optional [num_classes] class distribution of the labelled masks (the
+        driver passes it); pseudo-label controls such as distribution alignment read it.
     Subclasses create their other sub-networks (teachers, branches) before calling
     `self.build_networks()`, list every loss they report in `tracked_losses`, and implement
     `train_step`.
@@ -69,13 +72,14 @@ class SegmentationMethod(keras.Model):
 
     def __init__(self, segmenter: keras.Model, num_classes: int,
                  ignore_label: int = IGNORE_LABEL, tracked_losses=None,
-                 class_weights=None, **kwargs):
+                 class_weights=None, class_prior=None, **kwargs):
         super().__init__(**kwargs)
         self.segmenter = segmenter
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.class_weights = (None if class_weights is None
                               else tf.constant(class_weights, tf.float32, [num_classes]))
+        self.class_prior = None if class_prior is None else np.asarray(class_prior, np.float32)
         # A method whose losses depend on its settings passes its own list.
         names = tuple(tracked_losses or self.tracked_losses)
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}

@@ -19,6 +19,7 @@ from kssl import losses
 from kssl.augment import mixing, seeds
 from kssl.augment.strong import StrongAugment
 from kssl.methods import ema
+from kssl.methods import pseudo_label_controls as controls
 from kssl.methods.base import SegmentationMethod, unpack_batch
 
 # Random streams of one step (see kssl.augment.seeds.step_seed).
@@ -48,6 +49,18 @@ class ClassMix(SegmentationMethod):
       mix_mask: "class" (ClassMix) or "cut" (the code's CutMix ablation: image i+1
         inside one box of half the image area, image i outside).
       inference: "student" (evaluated and exported, as the paper) or "teacher".
+      thresholds: "fixed" (`confidence_threshold` for every class, the paper) or
+        "class_adaptive" (per class, `confidence_threshold` scaled by the teacher's
+        running confidence on that class over the most confident class's; see
+        `pseudo_label_controls`).
+      distribution_alignment: rescale the teacher's probabilities by the labelled class
+        prior over their running class distribution before mixing and the argmax
+        (ReMixMatch; needs `class_prior`, which the driver passes). Off: the paper.
+      class_aware_mixing: choose the pasted half of the classes by a draw weighted
+        towards the classes the teacher is least confident on (AEL's adaptive
+        copy-paste) instead of uniformly. Off: the paper.
+      control_decay: decay of the running class confidence and class distribution
+        those controls keep (0.99).
       seed: seeds the mask choices and strong augmentation, which are drawn statelessly
         per step and per global example index (so they do not depend on the number of
         replicas and repeat on resume); default: drawn from Python's `random` (seeded by
@@ -60,12 +73,15 @@ class ClassMix(SegmentationMethod):
                  weighting: str = "batch", unsup_weight: float = 1.0,
                  strong_augment=False, ema_decay: float = 0.99, ema_warmup: bool = True,
                  teacher_bn: str = "ema", mix_mask: str = "class",
-                 inference: str = "student", seed: Optional[int] = None, **kwargs):
+                 inference: str = "student", thresholds: str = "fixed",
+                 distribution_alignment: bool = False, class_aware_mixing: bool = False,
+                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
         super().__init__(segmenter, num_classes, **kwargs)
         for name, value, allowed in [("weighting", weighting, losses.PSEUDO_LABEL_WEIGHTINGS),
                                      ("teacher_bn", teacher_bn, ("ema", "batch")),
                                      ("mix_mask", mix_mask, ("class", "cut")),
-                                     ("inference", inference, ("student", "teacher"))]:
+                                     ("inference", inference, ("student", "teacher")),
+                                     ("thresholds", thresholds, ("fixed", "class_adaptive"))]:
             if value not in allowed:
                 raise ValueError(f"ClassMix {name} must be one of {allowed}, got {value!r}")
         self.confidence_threshold = confidence_threshold
@@ -85,6 +101,20 @@ class ClassMix(SegmentationMethod):
         self.ema = ema.EMATeacher(segmenter, self.teacher, max_decay=ema_decay,
                                   warmup=ema_warmup,
                                   include_statistics=teacher_bn == "ema")
+        # Pseudo-label controls (state in Keras weights: saved with the checkpoints).
+        self.thresholds = thresholds
+        self.class_aware_mixing = class_aware_mixing
+        self.class_confidence = None
+        if thresholds == "class_adaptive" or class_aware_mixing:
+            self.class_confidence = controls.ClassConfidence(num_classes, control_decay,
+                                                             name="class_confidence")
+        self.alignment = None
+        if distribution_alignment:
+            if self.class_prior is None:
+                raise ValueError("ClassMix distribution_alignment needs the labelled class "
+                                 "prior (class_prior)")
+            self.alignment = controls.DistributionAlignment(self.class_prior, control_decay,
+                                                            name="distribution_alignment")
 
     def networks(self) -> list:
         """The student and the teacher."""
@@ -105,14 +135,29 @@ class ClassMix(SegmentationMethod):
         The teacher runs in inference mode even with teacher_bn="batch", so that the
         monitor leaves its statistics untouched."""
         probs = tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32))
-        return {"teacher": (tf.argmax(probs, -1, output_type=tf.int32),
-                            tf.reduce_max(probs, -1) > self.confidence_threshold)}
+        if self.alignment is not None:  # with the stored running distribution
+            probs = self.alignment.rescale(probs)
+        labels = tf.argmax(probs, -1, output_type=tf.int32)
+        threshold = self.pixel_thresholds(labels)
+        return {"teacher": (labels, tf.reduce_max(probs, -1) > threshold)}
+
+    def pixel_thresholds(self, pseudo_labels):
+        """The confidence a pixel must exceed: the fixed threshold, or its pseudo-label's
+        class-adaptive one (from the stored running class confidence)."""
+        if self.thresholds == "fixed":
+            return self.confidence_threshold
+        per_class = controls.adaptive_thresholds(self.class_confidence.confidence,
+                                                 self.confidence_threshold)
+        return tf.gather(per_class, pseudo_labels)
 
     def masks(self, teacher_labels, seed):
         """One mixing mask per unlabelled image: 1 where image i is kept over image i+1."""
         batch = tf.shape(teacher_labels)[0]
         if self.mix_mask == "class":
             scores = seeds.per_example_uniform(seed, batch, (self.num_classes,))
+            if self.class_aware_mixing:
+                scores = controls.class_aware_scores(
+                    scores, controls.mixing_weights(self.class_confidence.confidence))
             return mixing.class_mix_masks(teacher_labels, self.num_classes, scores)
         size = tf.shape(teacher_labels)[1:3]
         return 1.0 - mixing.box_masks(batch, size[0], size[1], seed)
@@ -136,12 +181,20 @@ class ClassMix(SegmentationMethod):
         # 1. The teacher predicts on the unmixed unlabelled batch.
         teacher_logits = self.teacher(images, training=self.teacher_bn == "batch")
         teacher_probs = tf.stop_gradient(tf.nn.softmax(tf.cast(teacher_logits, tf.float32)))
+        #    Optional controls: align the probabilities to the labelled class prior, and
+        #    fold them into the running per-class confidence (adaptive thresholds and
+        #    class-aware mixing read it).
+        if self.alignment is not None:
+            teacher_probs = self.alignment.align(teacher_probs)
+        if self.class_confidence is not None:
+            self.class_confidence.updated(teacher_probs)
         # 2. Half of the classes of image i's prediction select where image i is pasted
         #    over image i+1; images and teacher probabilities are mixed with the same masks.
         mixed_images, mixed_probs = self.mix_pairs(images, teacher_probs, step)
         # 3. The artificial label is the argmax of the mixed probabilities.
         pseudo_labels = tf.argmax(mixed_probs, axis=-1, output_type=tf.int32)
         confidence = tf.reduce_max(mixed_probs, axis=-1)
+        threshold = self.pixel_thresholds(pseudo_labels)
         # 4. Optional strong augmentation of the mixed images (never of the targets).
         if self.strong_augment is not None:
             mixed_images = self.strong_augment(
@@ -154,15 +207,15 @@ class ClassMix(SegmentationMethod):
             supervised = self.supervised_loss(labelled_logits, labelled["mask"])
             mixed_logits = self.segmenter(mixed_images, training=True)
             unsupervised = losses.confidence_weighted_cross_entropy(
-                mixed_logits, pseudo_labels, confidence, self.confidence_threshold,
-                self.weighting, self.ignore_label)
+                mixed_logits, pseudo_labels, confidence, threshold, self.weighting,
+                self.ignore_label)
             loss = supervised + self.unsup_weight * unsupervised
         self.apply_gradients(tape, loss, self.optimized_variables())
 
         # 6. The teacher follows the updated student.
         self.ema.update(step)
 
-        confident = tf.cast(confidence > self.confidence_threshold, tf.float32)
+        confident = tf.cast(confidence > threshold, tf.float32)
         return self.report(
             loss=loss, supervised_loss=supervised, unsupervised_loss=unsupervised,
             confident_share=losses.global_mean(tf.reduce_sum(confident), tf.size(confident)))

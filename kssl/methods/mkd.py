@@ -52,7 +52,7 @@ import tensorflow as tf
 
 from kssl import losses
 from kssl.augment import mixing, randaugment, seeds, strong
-from kssl.methods import ema
+from kssl.methods import ema, replicated_state
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.models.layers import resize_bilinear, spatial_size
 from kssl.models.segmenter import Segmenter
@@ -297,20 +297,7 @@ class ClassStatistics(keras.layers.Layer):
 
     def assign(self, state: tuple) -> None:
         """Stores `state`, computed identically on every replica, on each replica's copy."""
-        variables = (self.count, self.mean, self.variance)
-
-        def assign_all(strategy, values):
-            for variable, value in zip(variables, values):
-                # Each device's copy from its own replica's (identical) value, like an
-                # optimizer update, so no replica's value is taken on trust.
-                strategy.extended.update(variable.value, lambda v, x: v.assign(x),
-                                         args=(value,), group=False)
-
-        context = tf.distribute.get_replica_context()
-        if context is None:  # already in the cross-replica context
-            assign_all(tf.distribute.get_strategy(), tuple(state))
-        else:
-            context.merge_call(assign_all, args=(tuple(state),))
+        replicated_state.assign_identical((self.count, self.mean, self.variance), state)
 
     def update(self, features, labels) -> tuple:
         """Pools one batch into the stored moments; returns the new state."""
