@@ -33,6 +33,7 @@ from absl import logging
 
 from kssl import config as kssl_config
 from kssl import evaluation, models, optimizers
+from kssl import run_files
 from kssl.data import class_balance, pipeline, splits, validate
 from kssl.data.examples import Examples
 from kssl.data.pseudo_masks import PseudoMaskStore, write_pseudo_masks
@@ -546,6 +547,9 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
     So all workers resume from the same step whether their own backups are on a shared
     filesystem, on local disks, missing (a worker moved to a new machine) or one epoch
     behind (a worker killed while saving).
+
+    Backups are written atomically and the previous one is kept (see `kssl.run_files`):
+    a damaged backup falls back to the one before it.
     """
 
     def __init__(self, backup_dir: str, strategy: tf.distribute.Strategy):
@@ -554,7 +558,7 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         if is_chief(self.strategy):
-            super().on_train_begin(logs)
+            self._restore()
         if not in_multi_worker_mode(self.strategy):
             return
         epoch, = chief_values(self.strategy, [self.model._initial_epoch or 0])
@@ -565,6 +569,34 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
             for variable, value in zip(variables, chief_values(self.strategy, variables)):
                 variable.assign(value)
             self.model._initial_epoch = int(epoch)
+
+    def _restore(self):
+        """Loads the newest backup that loads; none: a new run, starting at epoch 0."""
+        backups = run_files.usable_backups(self.backup_dir, report=True)
+        if backups and self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # so it is restored
+        failures = []
+        for weights, epoch in backups:
+            try:
+                self.model.load_weights(weights)
+            except (OSError, ValueError, KeyError) as error:
+                failures.append(f"{weights}: {str(error).splitlines()[0]}")
+                continue
+            if failures:
+                print(f"kssl: resuming from the previous backup (epoch {epoch}): "
+                      f"{failures[0]}", flush=True)
+            self.model._initial_epoch = epoch
+            return
+        if failures:
+            raise kssl_config.ConfigError(
+                f"cannot restore the resume backup into this run's network ({failures[0]}):"
+                " rerun with the configuration the run started with, or pass --overwrite "
+                "to start afresh")
+
+    def _save_model(self):
+        # Replaces Keras's in-place save, which a kill leaves half-written.
+        run_files.save_backup(self.model, self.backup_dir, self._current_epoch,
+                              self._last_batch_seen)
 
 
 # -- the driver --------------------------------------------------------------------------
@@ -607,8 +639,6 @@ def scorer(network, reader, examples, settings):
 
 BACKUP_DIR = "backup"
 PSEUDO_MASK_DIR = "pseudo_masks"
-RUN_FILES = ("config.gin", "metrics.json", "metrics.json.partial", "model.weights.h5",
-             BACKUP_DIR, "logs", PSEUDO_MASK_DIR, PSEUDO_MASK_DIR + ".partial")
 
 
 def stage_dir(workdir: str, stage: int) -> str:
@@ -617,26 +647,35 @@ def stage_dir(workdir: str, stage: int) -> str:
 
 
 def completed_epochs(workdir: str) -> int:
-    """Epochs an interrupted run in `workdir` finished (0 for a new run)."""
-    path = os.path.join(workdir, BACKUP_DIR, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("epoch", 0))
+    """Epochs an interrupted run in `workdir` finished (0 for a new run): those of its
+    newest complete backup (see `run_files.usable_backups`, which fails, saying how to
+    recover, when backups exist but none is usable)."""
+    backups = run_files.usable_backups(os.path.join(workdir, BACKUP_DIR))
+    return backups[0][1] if backups else 0
 
 
 def remove_run(workdir: str) -> None:
-    """Deletes the artefacts of an earlier run, refusing a folder that is not a run."""
+    """Deletes an earlier run, refusing, with the culprits named, a folder that holds
+    anything kssl did not write (see `run_files.foreign_files`)."""
     if not os.path.isdir(workdir):
         return
-    entries = set(os.listdir(workdir))
-    foreign = sorted(e for e in entries if e not in RUN_FILES and not e.startswith("eval_")
-                     and not (e.startswith("stage_") and os.path.isdir(os.path.join(workdir, e))))
+    foreign = run_files.foreign_files(workdir)
     if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         raise kssl_config.ConfigError(
-            f"--overwrite refuses to clear {workdir}: it holds files that are not a kssl "
-            f"run's ({', '.join(foreign[:5])})")
+            f"--overwrite refuses to clear {workdir}: it holds files kssl did not write "
+            f"({', '.join(foreign[:5])}{more}); move them away first")
     shutil.rmtree(workdir)
+
+
+def check_no_foreign_metrics(workdir: str) -> None:
+    """Refuses to train into `workdir` when it holds a metrics.json that is not a finished
+    run's: training would overwrite it at the end."""
+    path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(path) and not run_files.finished_run(workdir):
+        raise kssl_config.ConfigError(
+            f"{path} exists, but {workdir} holds no finished kssl run (no config.gin and "
+            "model.weights.h5 beside it): move the file away or choose another --workdir")
 
 
 def method_pool(method, stage, labelled: Examples, unlabelled: Optional[Examples],
@@ -732,9 +771,13 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
             f"({steps_per_epoch})")
     if overwrite:
         remove_run(workdir)
-    # Every worker follows the chief's run: whether it has finished and how far it got.
+    # Every worker follows the chief's run: whether it has finished and how far it got
+    # (the chief's values replace the others', so only the chief reads its backup).
+    chief = is_chief(dist)
+    if chief:
+        check_no_foreign_metrics(workdir)
     finished, done_epochs = (int(value) for value in chief_values(
-        dist, [os.path.exists(metrics_path), completed_epochs(workdir)]))
+        dist, [run_files.finished_run(workdir), completed_epochs(workdir) if chief else 0]))
     if finished:
         logging.info("%s already holds a finished run; pass --overwrite to train again",
                      workdir)
@@ -830,7 +873,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
               callbacks=callbacks, verbose=verbose, shuffle=False)
 
-    model.inference_network.save_weights(os.path.join(workdir, "model.weights.h5"))
+    run_files.save_weights(model.inference_network, os.path.join(workdir, "model.weights.h5"))
     print(f"kssl: evaluating on {eval_split}{stage_text}", flush=True)
     result = score(progress=verbose == 1)
     print(evaluation.format_iou_table(result, list(reader.info.class_names)), flush=True)
@@ -866,9 +909,7 @@ def _worker_done(chief_workdir, workdir, result):
 def write_json(path: str, values: dict) -> None:
     """Writes strict JSON atomically: a run is finished when its metrics.json exists, so
     the file must never be seen half-written."""
-    with open(path + ".partial", "w") as f:
-        json.dump(_jsonable(values), f, indent=2)
-    os.replace(path + ".partial", path)
+    run_files.write_text(path, json.dumps(_jsonable(values), indent=2))
 
 
 def concat_examples(first: Examples, second: Optional[Examples]) -> Examples:
@@ -965,6 +1006,8 @@ def train_stages(workdir, method, overwrite=False, start_stage=None,
         for name in ("metrics.json", "model.weights.h5", "config.gin"):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
+    if chief_workdir is None:
+        check_no_foreign_metrics(workdir)
     if first > 1:
         store = stored_masks(workdir, first - 1, chief_workdir)
         if not store.complete:
@@ -976,7 +1019,7 @@ def train_stages(workdir, method, overwrite=False, start_stage=None,
     for stage in range(first, stages + 1):
         previous = stored_masks(workdir, stage - 1, chief_workdir) if stage > 1 else None
         where = stage_dir(workdir, stage)
-        if os.path.exists(os.path.join(where, "metrics.json")):
+        if run_files.finished_run(where):
             print(f"kssl: {method.__name__} stage {stage} of {stages} already finished in "
                   f"{where} (--overwrite --start_stage {stage} retrains it)", flush=True)
         else:
@@ -997,9 +1040,9 @@ def train_stages(workdir, method, overwrite=False, start_stage=None,
                                     "train_images_per_second", "train_seconds",
                                     "pseudo_masks")}
     final = stage_dir(workdir, stages)
-    shutil.copyfile(os.path.join(final, "model.weights.h5"),
-                    os.path.join(workdir, "model.weights.h5"))
-    shutil.copyfile(os.path.join(final, "config.gin"), os.path.join(workdir, "config.gin"))
+    run_files.copy_file(os.path.join(final, "model.weights.h5"),
+                        os.path.join(workdir, "model.weights.h5"))
+    run_files.copy_file(os.path.join(final, "config.gin"), os.path.join(workdir, "config.gin"))
     result = {**result, "stages": summary,
               "train_seconds": sum(s["train_seconds"] or 0.0 for s in summary.values())}
     result.pop("stage", None)

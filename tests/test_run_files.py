@@ -1,0 +1,263 @@
+"""What kssl may delete or replace, and resume from damaged or half-written backups."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import gin
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, run_files, training
+from tiny import TINY_SHAPES_CONFIG
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Three epochs of one step each: a crash, a save and a resume cost a few steps.
+RESUME_CONFIG = TINY_SHAPES_CONFIG + """
+shapes.num_val = 2
+train.method = @Supervised
+train.steps = 3
+train.steps_per_epoch = 1
+"""
+
+
+def write(path, text="x"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def run_tool(name, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+# -- --overwrite ---------------------------------------------------------------------------
+def fake_run(root):
+    """Every kind of file a finished three-stage run, evaluated, holds."""
+    scores = json.dumps({"mean_iou": 0.5})
+    for where in ("", "stage_1", "stage_3"):
+        base = os.path.join(root, where)
+        write(os.path.join(base, "config.gin"), "train.steps = 3\n")
+        write(os.path.join(base, "model.weights.h5"))
+        write(os.path.join(base, "metrics.json"), scores)
+        for name in ("latest.weights.h5", "training_metadata.json",
+                     "previous.weights.h5", "previous_training_metadata.json"):
+            write(os.path.join(base, "backup", name))
+        write(os.path.join(base, "logs", "train", "events.out.tfevents.1.host.2.v2"))
+        write(os.path.join(base, "logs", "pseudo_labels", "events.out.tfevents.1.host.3.v2"))
+        write(os.path.join(base, "pseudo_label_monitor.json"), "{}")
+    write(os.path.join(root, "stage_1", "pseudo_masks", "index.json"), "{}")
+    write(os.path.join(root, "stage_1", "pseudo_masks", "000000.png"))
+    write(os.path.join(root, "eval_val.json"), scores)
+    write(os.path.join(root, "stage_1", "eval_test.json"), scores)
+
+
+@pytest.mark.parametrize("foreign, named", [
+    # A folder kssl never writes is named as a whole.
+    ("stage_photos/holiday.jpg", "stage_photos"), ("photos/holiday.jpg", "photos"),
+    ("eval_budget.xlsx", "eval_budget.xlsx"), ("eval_notes.json", "eval_notes.json"),
+    ("logs/notes.txt", "logs/notes.txt"), ("backup/mine.h5", "backup/mine.h5"),
+    ("logs/train/holiday.jpg", "logs/train/holiday.jpg"),
+    ("stage_1/holiday.jpg", "stage_1/holiday.jpg"),
+    ("stage_1/pseudo_masks/holiday.jpg", "stage_1/pseudo_masks/holiday.jpg")])
+def test_overwrite_refuses_and_names_a_file_kssl_did_not_write(tmp_path, foreign, named):
+    run = str(tmp_path / "run")
+    fake_run(run)
+    write(os.path.join(run, foreign), "a user's own file")
+    assert run_files.foreign_files(run) == [named]
+    with pytest.raises(config.ConfigError) as caught:
+        training.remove_run(run)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+    assert os.path.exists(os.path.join(run, foreign))
+    assert os.path.exists(os.path.join(run, "model.weights.h5"))
+
+
+def test_overwrite_clears_a_folder_of_kssl_files_only(tmp_path):
+    run = str(tmp_path / "run")
+    fake_run(run)
+    assert run_files.foreign_files(run) == []
+    training.remove_run(run)
+    assert not os.path.exists(run)
+
+
+def test_a_users_own_metrics_json_is_neither_a_finished_run_nor_cleared(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"accuracy": 0.9}')
+    assert not run_files.finished_run(str(folder))
+    config.parse([], [RESUME_CONFIG])  # a run that would train
+    with pytest.raises(config.ConfigError, match="metrics.json"):
+        training.train(str(folder))
+    with pytest.raises(config.ConfigError, match="metrics.json"):
+        training.train(str(folder), overwrite=True)
+    assert (folder / "metrics.json").read_text() == '{"accuracy": 0.9}'
+    assert os.listdir(folder) == ["metrics.json"]
+
+
+# -- resume --------------------------------------------------------------------------------
+class Crash(Exception):
+    pass
+
+
+def train_until(workdir, crash_epoch, patch):
+    """Trains the resume config in `workdir` and crashes as epoch `crash_epoch` starts."""
+    original = training.ThroughputMeter.on_epoch_begin
+
+    def crash(self, epoch, logs=None):
+        if epoch == crash_epoch:
+            raise Crash()
+        return original(self, epoch, logs)
+
+    gin.clear_config()
+    config.parse([], [RESUME_CONFIG])
+    patch(training.ThroughputMeter, "on_epoch_begin", crash)
+    with pytest.raises(Crash):
+        training.train(workdir)
+    patch(training.ThroughputMeter, "on_epoch_begin", original)
+
+
+def resume(workdir, monkeypatch):
+    """Runs the same configuration again: (epochs trained, the metrics)."""
+    started = []
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
+                        lambda self, epoch, logs=None: started.append(epoch))
+    gin.clear_config()
+    config.parse([], [RESUME_CONFIG])
+    return started, training.train(workdir)
+
+
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory):
+    """A run that saved backups after epochs 1 and 2 and crashed as epoch 3 began."""
+    workdir = str(tmp_path_factory.mktemp("crashed") / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        train_until(workdir, 2, patch.setattr)
+    gin.clear_config()
+    return workdir
+
+
+def test_backups_keep_the_previous_epoch(crashed_run):
+    backup = os.path.join(crashed_run, "backup")
+    assert sorted(os.listdir(backup)) == ["latest.weights.h5", "previous.weights.h5",
+                                          "previous_training_metadata.json",
+                                          "training_metadata.json"]
+    assert run_files.usable_backups(backup) == [
+        (os.path.join(backup, "latest.weights.h5"), 2),
+        (os.path.join(backup, "previous.weights.h5"), 1)]
+
+
+def truncate(path, keep):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * keep))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty weights",
+                                    "garbled metadata"])
+def test_a_damaged_backup_falls_back_to_the_one_before(crashed_run, tmp_path, monkeypatch,
+                                                       capsys, damage):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(crashed_run, workdir)
+    backup = os.path.join(workdir, "backup")
+    if damage == "garbled metadata":
+        write(os.path.join(backup, "training_metadata.json"), '{"epoch": 2, "bat')
+    else:
+        truncate(os.path.join(backup, "latest.weights.h5"), 0.5 if "truncated" in damage else 0)
+    started, metrics = resume(workdir, monkeypatch)
+    assert started == [1, 2]  # epoch 2 again: its backup was lost, epoch 1's was not
+    assert metrics["steps"] == 3  # the optimizer's step counter came from epoch 1's backup
+    assert "resuming from the backup before it (epoch 1)" in capsys.readouterr().out
+    # The resumed run's files are all kssl's: --overwrite clears it.
+    training.remove_run(workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_garbled_metadata_without_an_earlier_backup_says_how_to_recover(crashed_run,
+                                                                        tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(crashed_run, workdir)
+    backup = os.path.join(workdir, "backup")
+    for name in ("previous.weights.h5", "previous_training_metadata.json"):
+        os.remove(os.path.join(backup, name))  # as an older kssl leaves it
+    metadata = os.path.join(backup, "training_metadata.json")
+    write(metadata, "\x00\x00garbage")
+    config.parse([], [RESUME_CONFIG])
+    with pytest.raises(config.ConfigError) as caught:
+        training.train(workdir)
+    message = str(caught.value).split("\n  In call to configurable")[0]  # gin's addition
+    assert "\n" not in message and metadata in message
+    assert f"delete {backup}" in message and "--overwrite" in message
+
+
+def test_a_kill_while_saving_the_backup_leaves_the_previous_one(tmp_path, monkeypatch):
+    """The second epoch's save dies with its weights file half-written."""
+    workdir = str(tmp_path / "run")
+    original = keras.Model.save_weights
+    saves = []
+
+    def dies_while_writing(self, filepath, *args, **kwargs):
+        original(self, filepath, *args, **kwargs)
+        saves.append(filepath)
+        if len(saves) == 2:
+            truncate(filepath, 0.5)
+            raise Crash()
+
+    monkeypatch.setattr(keras.Model, "save_weights", dies_while_writing)
+    gin.clear_config()
+    config.parse([], [RESUME_CONFIG])
+    with pytest.raises(Crash):
+        training.train(workdir)
+    monkeypatch.setattr(keras.Model, "save_weights", original)
+    started, metrics = resume(workdir, monkeypatch)
+    assert started == [1, 2]
+    assert metrics["steps"] == 3
+
+
+def test_a_save_cut_between_its_renames_is_not_mixed_with_the_one_before(tmp_path,
+                                                                         monkeypatch):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    backup = str(tmp_path / "backup")
+    run_files.save_backup(model, backup, 1)
+    run_files.save_backup(model, backup, 2)
+    original = os.replace
+
+    def cut(source, target):
+        if os.path.basename(target) == "training_metadata.json":
+            raise Crash()
+        original(source, target)
+
+    monkeypatch.setattr(os, "replace", cut)
+    with pytest.raises(Crash):
+        run_files.save_backup(model, backup, 3)
+    monkeypatch.setattr(os, "replace", original)
+    with h5py.File(os.path.join(backup, "latest.weights.h5")) as f:
+        assert f.attrs["kssl_epoch"] == 3  # the new weights are in place ...
+    with open(os.path.join(backup, "training_metadata.json")) as f:
+        assert json.load(f)["epoch"] == 2  # ... beside the old metadata
+    assert run_files.usable_backups(backup) == [
+        (os.path.join(backup, "previous.weights.h5"), 2)]
+
+
+def test_a_backup_written_in_place_by_keras_still_resumes(tmp_path, monkeypatch):
+    """Runs started by an older kssl, whose backups Keras wrote in place, resume."""
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(training.WorkerBackupAndRestore, "_save_model",
+                        keras.callbacks.BackupAndRestore._save_model)
+    train_until(workdir, 2, monkeypatch.setattr)
+    assert sorted(os.listdir(os.path.join(workdir, "backup"))) == [
+        "latest.weights.h5", "training_metadata.json"]
+    monkeypatch.undo()
+    started, metrics = resume(workdir, monkeypatch)
+    assert started == [2] and metrics["steps"] == 3
