@@ -77,6 +77,52 @@ def masked_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
     return global_mean(tf.reduce_sum(loss * weights), tf.reduce_sum(weights))
 
 
+def replica_concat(value: tf.Tensor) -> tf.Tensor:
+    """`value` of every replica in sync, concatenated along axis 0 in replica order
+    (identity outside a strategy)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_gather(value, axis=0)
+
+
+def ohem_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, threshold: float = 0.7,
+                       min_kept=100000, ignore_label: int = IGNORE_LABEL,
+                       class_weights: tf.Tensor | None = None) -> tf.Tensor:
+    """Cross-entropy over the hard pixels only (online hard example mining), as the
+    UniMatch code's `ProbOhemCrossEntropy2d`, but mined over the global batch.
+
+    A labelled pixel is hard when the softmax probability of its label is <= the
+    threshold: `threshold`, or the `min_kept`-th smallest label probability when that is
+    larger (ignored pixels count as probability 1 in that ranking, as in the code). When
+    fewer than `min_kept` pixels are labelled nothing is mined and every labelled pixel
+    counts. The loss is the mean over the kept pixels (class-weighted as
+    `masked_cross_entropy`). The code mines per GPU; here the ranking runs over the
+    pixels of every replica (one all-gather of a float per pixel), so any replica count
+    keeps the same pixels as one device.
+
+    Args:
+      logits: [B, H, W, C]; labels: [B, H, W] with `ignore_label` where not counted.
+      min_kept: pixels kept at least, over the global batch (int or int tensor).
+    Returns:
+      A scalar: this replica's share of the global mean.
+    """
+    probs = tf.nn.softmax(tf.stop_gradient(tf.cast(logits, tf.float32)))
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.not_equal(labels, ignore_label)
+    safe = tf.where(valid, labels, 0)
+    label_probs = tf.where(valid, tf.gather(probs, safe, batch_dims=3), 1.0)
+    everyone = tf.sort(tf.reshape(replica_concat(label_probs), [-1]))
+    min_kept = tf.cast(min_kept, tf.int32)
+    labelled = tf.cast(replica_sum(tf.reduce_sum(tf.cast(valid, tf.float32))), tf.int32)
+    kth = everyone[tf.clip_by_value(min_kept, 1, tf.size(everyone)) - 1]
+    cut = tf.maximum(tf.cast(threshold, tf.float32), tf.where(min_kept > 0, kth, 0.0))
+    mine = (min_kept <= labelled) & (labelled > 0)
+    kept = valid & (tf.logical_not(mine) | (label_probs <= cut))
+    return masked_cross_entropy(logits, tf.where(kept, labels, ignore_label), ignore_label,
+                                class_weights=class_weights)
+
+
 PSEUDO_LABEL_WEIGHTINGS = ("batch", "image", "pixel", "none")
 
 

@@ -32,6 +32,8 @@ def next_in_batch(x: tf.Tensor) -> tf.Tensor:
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return tf.roll(x, shift=-1, axis=0)
+    if x.dtype == tf.bool:  # all_gather takes numbers only
+        return tf.cast(next_in_batch(tf.cast(x, tf.int32)), tf.bool)
     firsts = context.all_gather(x[:1], axis=0)  # [R, ...]: every replica's first row
     following = (context.replica_id_in_sync_group + 1) % context.num_replicas_in_sync
     return tf.concat([x[1:], tf.gather(firsts, [following])], axis=0)
@@ -132,6 +134,57 @@ def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
     inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
     inside = tf.cast(inside_rows & inside_cols, tf.int32)  # [B, k, H, W]
     return tf.cast(tf.reduce_sum(inside, axis=1) % 2, tf.float32)
+
+
+def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
+                 area_range=(0.02, 0.4), ratio_range=(0.3, 1 / 0.3),
+                 candidates: int = 256) -> tf.Tensor:
+    """At most one CutMix box per image, drawn as the UniMatch / FixMatch released code does.
+
+    With probability `probability` an image gets a box (else its mask is all zero): an area
+    a ~ U(area_range) * height * width is drawn once; then a ratio r ~ U(ratio_range), a
+    width floor(sqrt(a / r)), a height floor(sqrt(a * r)) and a top-left corner (x, y)
+    uniform over the integer pixels are redrawn until the box fits in the image. The code
+    draws on square crops (a is a share of S * S); a rectangular image uses its own height
+    and width. The redraw loop becomes the first of `candidates` draws that fits; at the
+    largest area of a square crop one draw fits with probability about 0.06, so all 256
+    miss with probability below 1e-7 (the last draw is then clamped into the image).
+
+    Args:
+      batch_size: B (this replica's examples); height, width: the mask size.
+      seed: a stateless seed pair (see `seeds.step_seed`); draws are keyed by global index.
+    Returns:
+      float32 [B, height, width]: 1 inside the box (rows y..y+h-1, columns x..x+w-1).
+    """
+    draws = seeds.per_example_uniform(seed, batch_size, (2 + 3 * candidates,))
+    height_f = tf.cast(height, tf.float32)
+    width_f = tf.cast(width, tf.float32)
+    low, high = area_range
+    area = (low + (high - low) * draws[:, 1:2]) * height_f * width_f  # [B, 1]
+    tries = tf.reshape(draws[:, 2:], [-1, candidates, 3])
+    r_low, r_high = ratio_range
+    ratio = r_low + (r_high - r_low) * tries[..., 0]
+    box_w = tf.floor(tf.sqrt(area / ratio))
+    box_h = tf.floor(tf.sqrt(area * ratio))
+    left = tf.floor(tries[..., 1] * width_f)  # uniform integers in [0, width)
+    top = tf.floor(tries[..., 2] * height_f)
+    fits = (left + box_w <= width_f) & (top + box_h <= height_f)  # [B, K]
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)[:, None]
+
+    def pick(x):  # each image's first fitting draw, [B, 1]
+        return tf.gather(x, first, batch_dims=1)
+
+    found = tf.reduce_any(fits, axis=1, keepdims=True)
+    box_w = tf.where(found, pick(box_w), tf.minimum(box_w[:, -1:], width_f))
+    box_h = tf.where(found, pick(box_h), tf.minimum(box_h[:, -1:], height_f))
+    left = tf.where(found, pick(left), tf.minimum(left[:, -1:], width_f - box_w))
+    top = tf.where(found, pick(top), tf.minimum(top[:, -1:], height_f - box_h))
+    rows = tf.range(height_f)[None, :, None]
+    cols = tf.range(width_f)[None, None, :]
+    inside = ((rows >= top[:, :, None]) & (rows < (top + box_h)[:, :, None])
+              & (cols >= left[:, :, None]) & (cols < (left + box_w)[:, :, None]))
+    drawn = (draws[:, 0] < probability)[:, None, None]
+    return tf.cast(inside & drawn, tf.float32)
 
 
 def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float = 0.5,

@@ -1,5 +1,8 @@
 """Strong photometric augmentation of (mixed) images: colour jitter and Gaussian blur.
 
+Two strong views live here: `StrongAugment` (the ClassMix code's, described below) and
+`ColorJitterGrayscaleBlur` (the UniMatch / FixMatch code's, described in its docstring).
+
 Images are float RGB in [0, 255], the kssl convention; targets are never touched. The ops
 follow the ClassMix code's strong transform (kornia of 2020): colour jitter with an additive
 brightness offset, a multiplicative contrast factor, an HSV saturation factor and an HSV hue
@@ -14,10 +17,11 @@ stateless and keyed by step and global example index (`kssl.augment.seeds`).
 
 from __future__ import annotations
 
+import math
 
 import tensorflow as tf
 
-from kssl.augment import seeds
+from kssl.augment import randaugment, seeds
 
 # Random streams of one step (see seeds.step_seed); distinct from the callers' streams
 # because the caller passes in a seed already folded with its own stream.
@@ -148,3 +152,99 @@ class StrongAugment:
         x = self._maybe(lambda y: self._blur(y, fold(seed, _BLUR_SIGMA)), x,
                         self.blur_probability, fold(seed, _BLUR_COIN))
         return tf.cast(x * 255.0, dtype)
+
+
+def _per_image(flags):
+    """[B] -> [B, 1, 1, 1], to select whole images with tf.where."""
+    return flags[:, None, None, None]
+
+
+def gaussian_blur_per_image(images, sigma, radius: int):
+    """Separable Gaussian blur of [B, H, W, C] images with one sigma per image [B].
+
+    The kernel has taps -radius..radius (normalised to sum 1); beyond the border the edge
+    pixel repeats, as in PIL's blur.
+    """
+    sigma = tf.reshape(tf.cast(sigma, tf.float32), [-1, 1])
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)[None, :]
+    weights = tf.exp(-tf.square(offsets) / (2.0 * tf.square(sigma)))
+    weights = weights / tf.reduce_sum(weights, axis=1, keepdims=True)  # [B, 2r + 1]
+
+    def blur_axis(x, axis):
+        size = tf.shape(x)[axis]
+        # Edge padding by a clamped gather (tf.pad has no edge mode).
+        index = tf.clip_by_value(tf.range(-radius, size + radius), 0, size - 1)
+        padded = tf.gather(x, index, axis=axis)
+        total = tf.zeros_like(x)
+        for tap in range(2 * radius + 1):
+            window = (padded[:, tap:tap + size] if axis == 1
+                      else padded[:, :, tap:tap + size])
+            total += tf.reshape(weights[:, tap], [-1, 1, 1, 1]) * window
+        return total
+
+    return blur_axis(blur_axis(tf.cast(images, tf.float32), 1), 2)
+
+
+class ColorJitterGrayscaleBlur:
+    """The strong view of the UniMatch / FixMatch released code, per image.
+
+    torchvision on PIL images there; here batched ops on float [0, 255] RGB:
+    - with probability `jitter_probability` (0.8), colour jitter: brightness, contrast and
+      saturation factors ~ U[1 - s, 1 + s] (0.5 each: PIL's ImageEnhance, a blend with
+      black, with the mean grey level, with the grey image) and a hue shift ~ U[-h, h]
+      (0.25) of the colour circle, the four in a random order drawn per image (torchvision
+      draws a permutation per call, i.e. per image);
+    - with probability `grayscale_probability` (0.2), the ITU-R 601-2 luma on all three
+      channels;
+    - with probability `blur_probability` (0.5), a Gaussian blur with sigma ~ U(0.1, 2.0)
+      per image (PIL's `GaussianBlur(radius=sigma)`; PIL approximates the Gaussian by
+      three box blurs, here it is exact up to 3 sigma).
+    PIL rounds to 8 bits after every op and takes the contrast mean as an integer; here
+    pixels stay floats. Called as `augment(images, seed)` with a stateless seed pair;
+    every draw is keyed by global example index (`kssl.augment.seeds`).
+    """
+
+    def __init__(self, jitter_probability=0.8, brightness=0.5, contrast=0.5, saturation=0.5,
+                 hue=0.25, grayscale_probability=0.2, blur_probability=0.5,
+                 sigma_range=(0.1, 2.0)):
+        self.jitter_probability = jitter_probability
+        self.strengths = (brightness, contrast, saturation, hue)
+        self.grayscale_probability = grayscale_probability
+        self.blur_probability = blur_probability
+        self.sigma_range = tuple(sigma_range)
+
+    def jitter(self, images, factors, order):
+        """Brightness, contrast, saturation and hue with per-image `factors` [B, 4] in
+        [-1, 1) (scaled by the strengths), applied in the per-image `order` [B, 4]."""
+        b, c, s, h = self.strengths
+        ops = [lambda x: randaugment.brightness(x, 1.0 + b * factors[:, 0]),
+               lambda x: randaugment.contrast(x, 1.0 + c * factors[:, 1]),
+               lambda x: randaugment.color(x, 1.0 + s * factors[:, 2]),
+               lambda x: 255.0 * _adjust_hue(_clip01(x / 255.0),
+                                             h * factors[:, 3, None, None])]
+        for position in range(4):
+            chosen = order[:, position][:, None, None, None]
+            out = images
+            for index, op in enumerate(ops):
+                out = tf.where(tf.equal(chosen, index), op(images), out)
+            images = out
+        return images
+
+    def __call__(self, images, seed):
+        dtype = images.dtype
+        x = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
+        batch = tf.shape(x)[0]
+        # Columns: jitter coin, 4 jitter factors, 4 order keys, grey coin, blur coin, sigma.
+        u = seeds.per_example_uniform(seed, batch, (12,))
+        order = tf.argsort(u[:, 5:9], axis=1)
+        jittered = self.jitter(x, 2.0 * u[:, 1:5] - 1.0, order)
+        x = tf.where(_per_image(u[:, 0] < self.jitter_probability), jittered, x)
+        grey = tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+        x = tf.where(_per_image(u[:, 9] < self.grayscale_probability),
+                     tf.broadcast_to(grey, tf.shape(x)), x)
+        low, high = self.sigma_range
+        sigma = low + (high - low) * u[:, 11]
+        radius = max(1, int(math.ceil(3.0 * high)))
+        blurred = gaussian_blur_per_image(x, sigma, radius)
+        x = tf.where(_per_image(u[:, 10] < self.blur_probability), blurred, x)
+        return tf.cast(x, dtype)

@@ -69,7 +69,8 @@ class Segmenter(keras.Model):
     """images [B, H, W, 3] float RGB in [0, 255] -> float32 logits [B, H, W, num_classes].
 
     Any height and width work (dynamic shapes allowed). Public pieces for methods:
-      block_names, blocks (name -> layer), strides, channels (name -> int), preprocess, head,
+      block_names, blocks (name -> layer), strides, channels (name -> int),
+      head_input_blocks, preprocess, head,
       features(), extend_features(), logits_from_features(), branch(),
       classifier_inputs_and_logits() and classifier_weights() (the head's final classifier).
 
@@ -158,6 +159,12 @@ class Segmenter(keras.Model):
     def channels(self) -> dict[str, int]:
         """Block name -> number of output channels."""
         return {b.name: b.channels for b in self._block_specs}
+
+    @property
+    def head_input_blocks(self) -> tuple[str, ...]:
+        """The names of the blocks whose outputs the head reads (its `input_blocks`; every
+        block for a head that does not say)."""
+        return tuple(getattr(self.head, "input_blocks", self.block_names))
 
     def _block_count(self, upto: int | str | None) -> int:
         """Number of blocks to run for `upto` (None: all; int: count; str: inclusive name)."""

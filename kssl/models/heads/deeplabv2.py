@@ -34,6 +34,11 @@ class DeepLabV2Head(keras.layers.Layer):
                                 bias_initializer="zeros", name=f"aspp_{i}")
             for i, r in enumerate(self.rates)]
 
+    @property
+    def input_blocks(self) -> tuple:
+        """The block the head reads from the features dict."""
+        return (self.in_block,)
+
     def build(self, features_shape):
         for branch in self.branches:
             branch.build(features_shape[self.in_block])

@@ -86,6 +86,11 @@ class DeepLabV3Head(keras.layers.Layer):
         """Channels of `branch_features`."""
         return self.aspp.branch_channels
 
+    @property
+    def input_blocks(self) -> tuple:
+        """The block the head reads from the features dict."""
+        return (self.in_block,)
+
     def build(self, features_shape):
         self.aspp.build(features_shape[self.in_block])
         self.decoder.build(channels_shape(self.branch_channels))

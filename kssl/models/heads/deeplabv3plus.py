@@ -117,6 +117,11 @@ class DeepLabV3PlusHead(keras.layers.Layer):
                                    name=f"decoder_{i}", **common) for i in range(2)]
         self.classifier = keras.layers.Conv2D(num_classes, 1, name="classifier")
 
+    @property
+    def input_blocks(self) -> tuple:
+        """The blocks the head reads from the features dict."""
+        return (self.low_block, self.high_block)
+
     def build(self, features_shape):
         self.aspp.build(features_shape[self.high_block])
         self.low_level.build(features_shape[self.low_block])

@@ -157,6 +157,11 @@ class PSPUNetHead(keras.layers.Layer):
         self.out_channels = channels
         self.classifier = keras.layers.Conv2D(num_classes, 1, name="classifier")
 
+    @property
+    def input_blocks(self) -> tuple:
+        """The blocks the head reads from the features dict."""
+        return (self.in_block,) + tuple(name for name, _ in self.skip_blocks)
+
     def build(self, features_shape):
         self.psp.build(features_shape[self.in_block])
         if self.mitrans is not None:
