@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import gin
 
@@ -29,6 +30,46 @@ def parse(config_files=(), bindings=()) -> None:
                                             finalize_config=False)
     except Exception as error:  # gin raises ValueError, KeyError, SyntaxError, ...
         raise ConfigError(_one_line(error)) from None
+
+
+_STAGE_SCOPE = re.compile(r"^stage_(\d+)/", re.MULTILINE)
+
+
+def parse_saved_run(path: str, bindings=(), stage=None) -> None:
+    """Parses a training run's saved config.gin, then `bindings` (e.g. `--gin_param`).
+
+    A staged method runs stage N in the gin scope `stage_N`, so the config.gin of its
+    stages (and the copy at the top of the run) binds everything under `stage_1/`,
+    `stage_2/`, ... The bindings of stage `stage` (default: the last stage in the file)
+    are bound again without the scope, so the tools build that stage's reader and network
+    by the plain names. They are replayed in file order together with the unscoped ones:
+    gin writes an unscoped block before the scoped blocks of the same name (the stage's
+    wins), and lines appended after the operative config (the ResNet layout `train`
+    records) still win over it.
+    """
+    parse([path])
+    with open(path) as f:
+        text = f.read()
+    stages = [int(n) for n in _STAGE_SCOPE.findall(text)]
+    if stages:
+        scope = f"stage_{max(stages) if stage is None else int(stage)}"
+        try:
+            for statement in gin.config_parser.ConfigParser(text, gin.config.ParserDelegate()):
+                if not isinstance(statement, gin.config_parser.BindingStatement):
+                    continue
+                if not statement.arg_name:  # a macro: used where it was bound, as parsed
+                    continue
+                if statement.scope == scope or statement.scope.startswith(scope + "/"):
+                    inner = statement.scope[len(scope) + 1:]
+                elif statement.scope == "":
+                    inner = ""
+                else:  # another stage's
+                    continue
+                gin.bind_parameter((inner, statement.selector, statement.arg_name),
+                                   statement.value)
+        except Exception as error:  # the file parsed above, so this is unexpected
+            raise ConfigError(f"{path}: {_one_line(error)}") from None
+    parse([], bindings)
 
 
 _GIN_SUFFIX = "\n  In call to configurable"

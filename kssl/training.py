@@ -1048,7 +1048,30 @@ def train_stages(workdir, method, overwrite=False, start_stage=None,
     result.pop("stage", None)
     result.pop("pseudo_masks", None)
     write_json(os.path.join(workdir, "metrics.json"), result)
+    print(f"kssl: {method.__name__} by stage, the networks and their pseudo-masks "
+          f"(scored against the ground truth):\n"
+          + format_stage_table(summary, result.get("eval_split")), flush=True)
     return result
+
+
+def format_stage_table(summary: dict, eval_split) -> str:
+    """The closing table of a staged run: per stage (`summary` as in its metrics.json),
+    the network's mean IoU on `eval_split`, and that of the pseudo-masks it stored
+    against the ground truth of the labelled and the unlabelled pool ('-': none stored,
+    or no ground truth)."""
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    columns = (f"{eval_split} mIoU %", "pseudo-masks mIoU %: labelled", "unlabelled")
+    lines = [f"{'stage':<6}" + "".join(f"{c:>{len(c) + 3}}" for c in columns)]
+    lines.append("-" * len(lines[0]))
+    for stage in sorted(summary, key=int):
+        masks = summary[stage].get("pseudo_masks") or {}
+        values = (summary[stage].get("mean_iou"), masks.get("labelled_mean_iou"),
+                  masks.get("unlabelled_mean_iou"))
+        lines.append(f"{stage:<6}" + "".join(f"{percent(v):>{len(c) + 3}}"
+                                             for c, v in zip(columns, values)))
+    return "\n".join(lines)
 
 
 def stored_masks(workdir: str, stage: int, chief_workdir=None) -> PseudoMaskStore:

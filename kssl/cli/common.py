@@ -31,16 +31,37 @@ def guarded(main):
     return wrapped
 
 
-def load_run(workdir: str):
-    """Re-reads a training run's operative config; returns (reader, eval_split)."""
+def load_run(workdir: str, bindings=()):
+    """Re-reads a training run's operative config, then `bindings` (`--gin_param`, which
+    can point the reader elsewhere); returns (reader, eval_split). A staged method's run
+    directory and each of its `stage_N/` directories read like any run (see
+    `kssl.config.parse_saved_run`)."""
     from kssl import config, training
 
     path = os.path.join(workdir, "config.gin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a kssl training directory?")
-    config.parse([path])
+    config.parse_saved_run(path, bindings, stage=run_stage(workdir))
     reader, _, eval_split = config.call_configured(training.dataset_setup)
     return reader, eval_split
+
+
+def run_stage(workdir: str):
+    """The stage of a staged method whose run `workdir` holds: the `stage` its
+    metrics.json records, else N for a folder named `stage_N`; None for a whole run (its
+    config.gin is the last stage's)."""
+    import json
+    import re
+
+    try:
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            stage = json.load(f).get("stage")
+        if isinstance(stage, int):
+            return stage
+    except (OSError, ValueError, AttributeError):  # unfinished, or not a run's metrics
+        pass
+    match = re.fullmatch(r"stage_(\d+)", os.path.basename(os.path.normpath(workdir)))
+    return int(match.group(1)) if match else None
 
 
 def load_inference_network(workdir: str, num_classes: int):
