@@ -11,7 +11,9 @@ from kssl.cli import common
 
 flags.DEFINE_string("workdir", None, "A finished training run directory.", required=True)
 flags.DEFINE_string("split", None, "Split to score (default: the run's eval split).")
-flags.DEFINE_multi_string("gin_param", [], "Extra gin bindings, e.g. evaluation.mode.")
+flags.DEFINE_multi_string("gin_param", [], "Extra gin bindings over the run's config.gin, "
+                          "e.g. evaluation.mode or camvid.root (applied before the data "
+                          "is read).")
 FLAGS = flags.FLAGS
 
 
@@ -19,13 +21,18 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from kssl import config, evaluation, training
-    from kssl.data import pipeline
+    from kssl.data import pipeline, validate
 
-    reader, eval_split = common.load_run(FLAGS.workdir)
-    config.parse([], FLAGS.gin_param)
+    # The bindings come before the reader is built: they may point it at other data.
+    reader, eval_split = common.load_run(FLAGS.workdir, FLAGS.gin_param)
     split = FLAGS.split or eval_split
-    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
     examples = reader.examples(split)
+    # Training's checks of its evaluation split, so that bad labels are not scored and an
+    # unreadable file is named rather than crashing the pipeline.
+    if config.call_configured(training.pipeline_settings)["validate_data"]:
+        validate.validate(reader, examples, with_masks=True,
+                          num_classes=reader.info.num_classes, what="evaluation")
+    network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
     class_names = list(reader.info.class_names)
     result = evaluation.evaluate(network, pipeline.eval_dataset(reader, examples),
                                  reader.info.num_classes, class_names=class_names,
