@@ -91,12 +91,18 @@ def labelled_subset(examples, reader, count=None, fraction=None, split_file=None
 @gin.configurable("pipeline")
 def pipeline_settings(batch_size=8, unlabelled_batch_size=None, crop_size=(321, 321),
                       scale_range=(0.5, 2.0), flip=True, resize=None, cache=False, seed=0,
-                      validate_data=True):
-    """The tf.data settings; `batch_size` is the global labelled batch."""
+                      validate_data=True, unlabelled_views=1, unlabelled_padding=False):
+    """The tf.data settings; `batch_size` is the global labelled batch.
+
+    `unlabelled_views`: independently augmented views of each unlabelled image, in
+    consecutive rows; `unlabelled_padding`: mark crop padding on unlabelled images
+    (see `kssl.data.pipeline.augmented_stream`; UniMatch and FixMatch read both).
+    """
     return dict(batch_size=batch_size, unlabelled_batch_size=unlabelled_batch_size,
                 crop_size=tuple(crop_size), scale_range=tuple(scale_range), flip=flip,
                 resize=None if resize is None else tuple(resize), cache=cache, seed=seed,
-                validate_data=validate_data)
+                validate_data=validate_data, unlabelled_views=unlabelled_views,
+                unlabelled_padding=unlabelled_padding)
 
 
 @gin.configurable("supervised_loss")
@@ -708,7 +714,9 @@ def training_stream(reader, labelled: Examples, pool: Optional[Examples], unlabe
     train_ds = pipeline.train_dataset(
         reader, labelled, pool, batch_size=settings["batch_size"],
         unlabelled_batch_size=settings["unlabelled_batch_size"], seed=seed,
-        unlabelled_reader=unlabelled_reader, **stream_args)
+        unlabelled_reader=unlabelled_reader,
+        unlabelled_views=settings.get("unlabelled_views", 1),
+        unlabelled_padding=settings.get("unlabelled_padding", False), **stream_args)
     if jit_compile:  # XLA takes no string arguments; the train steps read no ids
         train_ds = train_ds.map(_without_ids)
     return train_ds
