@@ -179,6 +179,28 @@ def export_model(model: keras.Model, path: str, num_classes: int,
     raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
 
 
+def check_output_path(path: str, format: str, overwrite: bool = False) -> None:
+    """Raises ExportError when writing `format` at `path` would replace something: an
+    existing model unless `overwrite`; even with it, a folder where a file goes, a file
+    where a SavedModel folder goes, or a folder holding anything but a SavedModel."""
+    path = os.fspath(path)
+    if format == "saved_model":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ExportError(f"--output {path} is a file; a SavedModel is written as a folder")
+        if os.path.isdir(path) and os.listdir(path):
+            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+                raise ExportError(f"--output {path} is a folder that holds files but no "
+                                  "SavedModel; choose a new or empty folder")
+            if not overwrite:
+                raise ExportError(f"--output {path} already holds a SavedModel; pass "
+                                  "--overwrite to replace it")
+    elif os.path.isdir(path):
+        raise ExportError(f"--output {path} is a folder; --format {format} writes one file "
+                          f"(e.g. model.{format})")
+    elif os.path.exists(path) and not overwrite:
+        raise ExportError(f"--output {path} already exists; pass --overwrite to replace it")
+
+
 def load_saved_model(path: str):
     """Loads an exported SavedModel; returns `predict(images) -> {"class_ids",
     "probabilities"}` taking uint8 or float images [B, H, W, 3] (or one [H, W, 3])."""

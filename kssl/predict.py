@@ -47,22 +47,41 @@ def list_images(input_dir: str) -> List[str]:
     return [os.path.join(input_dir, n) for n in names]
 
 
+def _resolved(path: str) -> str:
+    """`path` with links and `..` resolved (a URL as given), to compare two folders."""
+    return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
 def predict_folder(model, input_dir: str, output_dir: str, palette, input_size=None,
                    mode: str = "whole", window=None, stride=None, flip: bool = False,
-                   write_ids: bool = False, progress: bool = True) -> List[str]:
+                   write_ids: bool = False, progress: bool = True,
+                   overwrite: bool = False) -> List[str]:
     """Segments every image in `input_dir` and writes `<output_dir>/<stem>.png` colour masks.
 
     With `write_ids` also writes `<stem>_ids.png`, the class ids as a single-channel PNG.
     `input_size`, `mode`, `window`, `stride` and `flip` are as in
-    `kssl.evaluation.predict_logits`. Returns the written paths.
+    `kssl.evaluation.predict_logits`. Refuses, before writing anything, an `output_dir`
+    that is or lies inside `input_dir`, and, unless `overwrite`, one that already holds a
+    file of the names it would write. Returns the written paths.
     """
     resolve_mode(mode, window, stride, input_size)  # argument errors before any work
+    source, target = _resolved(input_dir), _resolved(output_dir)
+    if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{output_dir}: the output folder is, or is inside, the input "
+                         f"folder {input_dir}; choose an output folder outside it")
     paths = list_images(input_dir)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise ValueError(f"{input_dir}: images {clashes} share a name stem and would write "
                          "the same output file")
+    ends = ("", "_ids") if write_ids else ("",)
+    outputs = [os.path.join(output_dir, f"{stem}{end}.png") for stem in stems for end in ends]
+    existing = [path for path in outputs if tf.io.gfile.exists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise FileExistsError(f"{existing[0]} already exists{more}: choose an output folder "
+                              "without earlier masks, or pass --overwrite to replace them")
     tf.io.gfile.makedirs(output_dir)
 
     @tf.function(autograph=False,

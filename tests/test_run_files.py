@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, run_files, training
+from kssl import config, export, run_files, training
+from kssl.predict import predict_folder
 from tiny import TINY_SHAPES_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +105,107 @@ def test_a_users_own_metrics_json_is_neither_a_finished_run_nor_cleared(tmp_path
         training.train(str(folder), overwrite=True)
     assert (folder / "metrics.json").read_text() == '{"accuracy": 0.9}'
     assert os.listdir(folder) == ["metrics.json"]
+
+
+# -- bin/predict and bin/export --------------------------------------------------------
+def identity_model():
+    """Class k where channel k is brightest."""
+    model = keras.Sequential([keras.Input((None, None, 3)),
+                              keras.layers.Conv2D(3, 1, use_bias=False)])
+    model.layers[0].set_weights([np.eye(3, dtype=np.float32)[None, None]])
+    return model
+
+
+PALETTE = np.array([[0, 0, 0], [200, 0, 0], [0, 200, 0]], np.uint8)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        tf.io.write_file(str(folder / name), tf.io.encode_png(
+            np.full((4, 5, 3), 7 if name == "a.png" else 9, np.uint8)))
+    return folder
+
+
+def contents(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("output", [".", "masks", "./sub/.."])
+def test_predict_refuses_an_output_folder_in_the_input_folder(photos, output):
+    before = contents(photos)
+    with pytest.raises(ValueError, match="inside, the input folder"):
+        predict_folder(identity_model(), str(photos), os.path.join(str(photos), output),
+                       PALETTE, progress=False)
+    assert contents(photos) == before
+
+
+def test_predict_replaces_existing_masks_only_when_told(photos, tmp_path):
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "b.png").write_bytes(b"someone's drawing")
+    with pytest.raises(FileExistsError, match="b.png already exists"):
+        predict_folder(identity_model(), str(photos), str(out), PALETTE, progress=False)
+    assert contents(out) == {"b.png": b"someone's drawing"}  # nothing written
+    written = predict_folder(identity_model(), str(photos), str(out), PALETTE,
+                             progress=False, overwrite=True)
+    assert sorted(os.path.basename(p) for p in written) == ["a.png", "b.png"]
+    mask = tf.io.decode_png((out / "b.png").read_bytes()).numpy()
+    np.testing.assert_array_equal(mask, np.zeros((4, 5, 3), np.uint8))  # ties: class 0
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """A run directory with config.gin and model.weights.h5, as bin/train leaves it."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.gin").write_text(TINY_SHAPES_CONFIG)
+    config.parse([str(workdir / "config.gin")])
+    reader, _, _ = config.call_configured(training.dataset_setup)
+    network = training.build_model(reader.info.num_classes, weights=None)
+    network.save_weights(str(workdir / "model.weights.h5"))
+    gin.clear_config()
+    return str(workdir)
+
+
+def test_cli_predict_and_export_never_replace_what_they_did_not_write(
+        tmp_path, photos, untrained_run):
+    before = contents(photos)
+    result = run_tool("predict", "--workdir", untrained_run, "--input", str(photos),
+                      "--output", str(photos))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(error_lines(result)) == 1 and "input folder" in error_lines(result)[0]
+    assert contents(photos) == before
+
+    for name, format in (("model.onnx", "onnx"), ("model.tflite", "tflite")):
+        (tmp_path / name).write_bytes(b"a model from elsewhere")
+        result = run_tool("export", "--workdir", untrained_run, "--format", format,
+                          "--input_size", "48,64", "--output", str(tmp_path / name))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert error_lines(result) == [f"error: --output {tmp_path / name} already exists; "
+                                       "pass --overwrite to replace it"]
+        assert (tmp_path / name).read_bytes() == b"a model from elsewhere"
+
+
+def test_export_checks_what_is_at_the_output_path(tmp_path):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"pb")
+    (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "holiday.jpg").write_bytes(b"jpg")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    refused = [(saved, "saved_model", False), (tmp_path / "album", "saved_model", True),
+               (tmp_path / "model.onnx", "saved_model", True),
+               (tmp_path / "model.onnx", "onnx", False), (saved, "onnx", True)]
+    for path, format, overwrite in refused:
+        with pytest.raises(export.ExportError, match=str(path)):
+            export.check_output_path(str(path), format, overwrite)
+    for path, format, overwrite in [(saved, "saved_model", True), (tmp_path / "empty", "onnx",
+                                                                    False),
+                                    (tmp_path / "model.onnx", "onnx", True)]:
+        export.check_output_path(str(path), format, overwrite)
 
 
 # -- resume --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite", "onnx"],
 flags.DEFINE_list("input_size", None, "H,W: the size the network runs at. Default: the "
                   "run's evaluation.input_size. saved_model and onnx resize images to it "
                   "inside the graph; a tflite model takes images of exactly this size.")
+flags.DEFINE_bool("overwrite", False, "Replace a model already at --output.")
 FLAGS = flags.FLAGS
 
 
@@ -39,6 +40,10 @@ def main(argv):
     from kssl import export, training
 
     input_size = parse_size(FLAGS.input_size)
+    try:  # before any work: nothing is replaced unless --overwrite says so
+        export.check_output_path(FLAGS.output, FLAGS.format, FLAGS.overwrite)
+    except export.ExportError as error:
+        common.fail(str(error))
     reader, _ = common.load_run(FLAGS.workdir)
     # A model trained at reduced resolution is served the way it was scored: resized to
     # its evaluation input size, probabilities resized back to the image's size.

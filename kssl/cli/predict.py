@@ -10,6 +10,7 @@ flags.DEFINE_string("workdir", None, "A finished training run directory.", requi
 flags.DEFINE_string("input", None, "Folder of images (jpg, png, bmp).", required=True)
 flags.DEFINE_string("output", None, "Folder for the colour masks.", required=True)
 flags.DEFINE_bool("write_ids", False, "Also write class-id PNGs (<name>_ids.png).")
+flags.DEFINE_bool("overwrite", False, "Replace masks of the same names already in --output.")
 FLAGS = flags.FLAGS
 
 
@@ -22,8 +23,9 @@ def main(argv):
     try:
         written = predict.predict_folder(network, FLAGS.input, FLAGS.output,
                                          reader.info.palette, write_ids=FLAGS.write_ids,
+                                         overwrite=FLAGS.overwrite,
                                          **training.evaluation_settings())
-    except ValueError as error:  # no images, or two images with one name
+    except (ValueError, FileExistsError) as error:  # no images, name clashes, bad --output
         common.fail(str(error))
     print(f"kssl: wrote {len(written)} mask(s) to {FLAGS.output}")
 
