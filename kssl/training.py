@@ -45,8 +45,8 @@ from kssl.data.readers.shapes import Shapes
 from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
 from kssl.augment.randaugment import RandAugmentCutout
-from kssl.augment.strong import StrongAugment
-from kssl.methods import ClassMix, GuidedMix, MKD, Supervised, ThreeStage
+from kssl.augment.strong import ColorJitterGrayscaleBlur, StrongAugment
+from kssl.methods import ClassMix, FixMatch, GuidedMix, MKD, Supervised, ThreeStage, UniMatch
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
@@ -57,9 +57,12 @@ gin.external_configurable(ClassMix, module="kssl.methods")
 gin.external_configurable(ThreeStage, module="kssl.methods")
 gin.external_configurable(MKD, module="kssl.methods")
 gin.external_configurable(GuidedMix, module="kssl.methods")
+gin.external_configurable(UniMatch, module="kssl.methods")
+gin.external_configurable(FixMatch, module="kssl.methods")
 # `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...
 gin.external_configurable(StrongAugment, module="kssl.augment")
 gin.external_configurable(RandAugmentCutout, module="kssl.augment")
+gin.external_configurable(ColorJitterGrayscaleBlur, module="kssl.augment")
 
 
 # -- configured pieces -------------------------------------------------------------------

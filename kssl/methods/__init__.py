@@ -7,6 +7,7 @@ from kssl.methods.guidedmix import GuidedMix
 from kssl.methods.mkd import MKD
 from kssl.methods.supervised import Supervised
 from kssl.methods.threestage import ThreeStage
+from kssl.methods.unimatch import FixMatch, UniMatch
 
-__all__ = ["ClassMix", "EMATeacher", "GuidedMix", "MKD", "SegmentationMethod", "Supervised",
-           "ThreeStage", "unpack_batch"]
+__all__ = ["ClassMix", "EMATeacher", "FixMatch", "GuidedMix", "MKD", "SegmentationMethod",
+           "Supervised", "ThreeStage", "UniMatch", "unpack_batch"]

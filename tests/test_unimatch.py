@@ -1,0 +1,454 @@
+"""UniMatch and FixMatch: CutMix boxes and mixing, loss terms, the feature perturbation,
+the unlabelled pipeline's views and padding, distribution, and a resumed driver run."""
+
+import os
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kssl import config, losses, models, training
+from kssl.augment import features as feature_ops
+from kssl.augment import mixing, seeds
+from kssl.augment.strong import ColorJitterGrayscaleBlur
+from kssl.data import pipeline
+from kssl.data.examples import IGNORE_LABEL
+from kssl.data.readers.shapes import Shapes
+from kssl.methods import FixMatch, UniMatch
+from kssl.models.segmenter import Block, Segmenter
+from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, eager_steps, tiny_segmenter
+
+
+# -- a network whose logits numpy can compute -----------------------------------------------
+class LinearHead(keras.layers.Layer):
+    """logits = features["stem"] @ kernel + bias, per pixel (no batch norm, no dropout)."""
+
+    input_blocks = ("stem",)
+
+    def __init__(self, kernel, bias, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel = self.add_weight(shape=kernel.shape, initializer="zeros", name="kernel")
+        self.bias = self.add_weight(shape=bias.shape, initializer="zeros", name="bias")
+        self.kernel.assign(kernel)
+        self.bias.assign(bias)
+        self.num_classes = kernel.shape[1]
+
+    def call(self, features, training=None):
+        return tf.einsum("bhwc,ck->bhwk", features["stem"], self.kernel) + self.bias
+
+
+def linear_segmenter(seed=0):
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(0, 0.02, (3, NUM_CLASSES)).astype(np.float32)
+    bias = rng.normal(0, 0.5, NUM_CLASSES).astype(np.float32)
+    net = Segmenter(keras.layers.Identity(), [Block("stem", keras.layers.Identity(), 1, 3)],
+                    LinearHead(kernel, bias))
+    return net, kernel, bias
+
+
+def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def cross_entropy(logits, labels):
+    """Per-pixel CE of numpy logits [..., C] against labels (ignore -> 0 with a safe index)."""
+    safe = np.where(labels == IGNORE_LABEL, 0, labels)
+    return -np.take_along_axis(log_softmax(logits), safe[..., None], -1)[..., 0]
+
+
+# -- CutMix boxes and mixing ---------------------------------------------------------------
+def numpy_boxes(draws, height, width, probability, area_range, ratio_range):
+    """The released `obtain_cutmix_box` loop on given uniforms (one row per image)."""
+    boxes = np.zeros((len(draws), height, width), np.float32)
+    for i, row in enumerate(draws):
+        if not row[0] < probability:
+            continue
+        area = (area_range[0] + (area_range[1] - area_range[0]) * row[1]) * height * width
+        for ratio_u, x_u, y_u in row[2:].reshape(-1, 3):
+            ratio = ratio_range[0] + (ratio_range[1] - ratio_range[0]) * ratio_u
+            w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+            x, y = int(x_u * width), int(y_u * height)
+            if x + w <= width and y + h <= height:
+                break
+        boxes[i, y:y + h, x:x + w] = 1
+    return boxes
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
+def test_cutmix_boxes_follow_the_released_loop(height, width):
+    seed = seeds.step_seed(3, 5, 7)
+    got = mixing.cutmix_boxes(64, height, width, seed, probability=0.5).numpy()
+    draws = seeds.per_example_uniform(seed, 64, (2 + 3 * 256,)).numpy().astype(np.float64)
+    want = numpy_boxes(draws, height, width, 0.5, (0.02, 0.4), (0.3, 1 / 0.3))
+    np.testing.assert_array_equal(got, want)
+    with_box = got.reshape(64, -1).max(1) > 0
+    assert 16 < with_box.sum() < 48  # probability 0.5
+    for box in got[with_box]:  # one rectangle each
+        rows, cols = np.nonzero(box)
+        assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert 0.02 * height * width * 0.5 < box.sum() <= 0.4 * height * width
+
+
+def unlabelled_pairs(rng, rows=4, size=(8, 10)):
+    """Unlabelled rows (image, partner, image, partner): image value = 10 * row, and a
+    padding map with a padded band at a different place in every row."""
+    images = np.broadcast_to(10.0 * np.arange(rows, dtype=np.float32)[:, None, None, None],
+                             (rows,) + size + (3,)).copy()
+    padding = np.zeros((rows,) + size, np.int32)
+    for r in range(rows):
+        padding[r, :, size[1] - 1 - r:] = IGNORE_LABEL
+    return images, padding
+
+
+def test_one_box_mixes_images_labels_confidences_and_padding():
+    model = UniMatch(tiny_segmenter(0), NUM_CLASSES, strong_augment=False, variant="fixmatch",
+                     cutmix_probability=1.0, seed=4)
+    rng = np.random.default_rng(0)
+    images, padding = unlabelled_pairs(rng)
+    weak, counted, partner, partner_counted = (
+        t.numpy() for t in model.split_unlabelled({"image": images, "padding": padding}))
+    np.testing.assert_array_equal(weak, images[0::2])
+    np.testing.assert_array_equal(partner, images[1::2])
+    np.testing.assert_array_equal(counted, padding[0::2] != IGNORE_LABEL)
+
+    (box,), (view,) = model.mixed_views(tf.constant(weak), tf.constant(partner), 0)
+    box = box.numpy()
+    for b in box:  # a single rectangle
+        rows, cols = np.nonzero(b)
+        assert len(rows) and b[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    inside = box[..., None] > 0
+    np.testing.assert_array_equal(view.numpy(), np.where(inside, partner, weak))
+
+    labels = rng.integers(0, NUM_CLASSES, weak.shape[:3]).astype(np.int32)
+    partner_labels = rng.integers(0, NUM_CLASSES, weak.shape[:3]).astype(np.int32)
+    confidence = rng.uniform(size=weak.shape[:3]).astype(np.float32)
+    partner_confidence = rng.uniform(size=weak.shape[:3]).astype(np.float32)
+    mixed = model.mix_targets(tf.constant(box), (labels, confidence, counted),
+                              (partner_labels, partner_confidence, partner_counted))
+    for got, mine, theirs in zip(mixed, (labels, confidence, counted),
+                                 (partner_labels, partner_confidence, partner_counted)):
+        np.testing.assert_array_equal(got.numpy(), np.where(box > 0, theirs, mine))
+
+
+def test_two_views_draw_their_own_boxes_and_jitter():
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, strong_views=2, cutmix_probability=1.0,
+                     seed=4)
+    rng = np.random.default_rng(1)
+    weak = rng.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    boxes, views = model.mixed_views(tf.constant(weak), tf.constant(weak[::-1].copy()), 0)
+    assert len(boxes) == 2 and not np.array_equal(boxes[0], boxes[1])
+    outside = (boxes[0].numpy() == 0) & (boxes[1].numpy() == 0)
+    assert not np.allclose(views[0].numpy()[outside], views[1].numpy()[outside])
+
+
+def test_strong_view_ops_per_image():
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0, 255, (64, 6, 6, 3)).astype(np.float32)
+    seed = seeds.step_seed(0, 0, 1)
+    grey_only = ColorJitterGrayscaleBlur(jitter_probability=0.0, grayscale_probability=0.5,
+                                         blur_probability=0.0)(images, seed).numpy()
+    luma = images @ np.array([0.299, 0.587, 0.114], np.float32)
+    is_grey = np.array([np.allclose(g, luma[i][..., None], atol=1e-3)
+                        for i, g in enumerate(grey_only)])
+    unchanged = np.array([np.array_equal(g, x) for g, x in zip(grey_only, images)])
+    np.testing.assert_array_equal(is_grey, ~unchanged)  # each image one or the other
+    assert 16 < is_grey.sum() < 48
+    # Blur keeps a constant image (edge pixels repeat) and the mean of a smooth one.
+    flat = np.full((4, 9, 9, 3), 77.0, np.float32)
+    blurred = ColorJitterGrayscaleBlur(0.0, grayscale_probability=0.0,
+                                       blur_probability=1.0)(flat, seed)
+    np.testing.assert_allclose(blurred.numpy(), flat, rtol=1e-6)
+
+
+# -- loss terms -----------------------------------------------------------------------------
+def test_unlabelled_loss_threshold_edge_and_ignore_pixels():
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.95, seed=0)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(1, 2, 3, NUM_CLASSES)).astype(np.float32)
+    labels = np.array([[[0, 1, 2], [2, 1, 0]]], np.int32)
+    tau = np.float32(0.95)
+    below = np.nextafter(tau, np.float32(0))
+    confidence = np.array([[[tau, below, 0.99], [1.0, tau, 0.2]]], np.float32)
+    counted = np.array([[[True, True, True], [False, True, True]]])
+    got = model.unlabelled_loss(logits, labels, confidence, counted).numpy()
+    ce = cross_entropy(logits, labels)
+    # Confident (>=) and counted: pixels (0,0), (0,2), (1,1); the padded (1,0) is neither
+    # in the sum nor in the count, which holds the 5 counted pixels, confident or not.
+    want = (ce[0, 0, 0] + ce[0, 0, 2] + ce[0, 1, 1]) / 5
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["unimatch", "fixmatch"])
+def test_step_losses_match_a_hand_computation(variant):
+    """One step at learning rate 0 of a per-pixel linear network: every term and the total
+    from numpy logits, with padding in both batches, a box in every view, and a threshold
+    between the confidences."""
+    net, kernel, bias = linear_segmenter()
+    rng = np.random.default_rng(4)
+    size = (6, 7)
+    labelled = {"image": rng.uniform(0, 255, (2,) + size + (3,)).astype(np.float32),
+                "mask": rng.integers(0, NUM_CLASSES, (2,) + size).astype(np.int32)}
+    labelled["mask"][0, 0, :3] = IGNORE_LABEL
+    images = rng.uniform(0, 255, (4,) + size + (3,)).astype(np.float32)
+    padding = np.zeros((4,) + size, np.int32)
+    padding[0, 4:] = padding[1, :, 5:] = padding[3, 5:] = IGNORE_LABEL
+    unlabelled = {"image": images, "padding": padding}
+
+    def logits_of(x):
+        return x @ kernel + bias
+
+    weak, partner = images[0::2], images[1::2]
+    counted, partner_counted = padding[0::2] != IGNORE_LABEL, padding[1::2] != IGNORE_LABEL
+    probs = np.exp(log_softmax(logits_of(weak)))
+    labels, confidence = probs.argmax(-1), probs.max(-1)
+    partner_probs = np.exp(log_softmax(logits_of(partner)))
+    partner_labels, partner_confidence = partner_probs.argmax(-1), partner_probs.max(-1)
+    tau = float(np.median(np.concatenate([confidence.ravel(), partner_confidence.ravel()])))
+
+    model = UniMatch(net, NUM_CLASSES, variant=variant, confidence_threshold=tau,
+                     strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    boxes = [b.numpy() > 0 for b in model.mixed_views(tf.constant(weak),
+                                                      tf.constant(partner), 0)[0]]
+    logs = eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])[0]
+
+    def term(logits, lab, conf, count):
+        return (cross_entropy(logits, lab) * (conf >= np.float32(tau)) * count).sum() / count.sum()
+
+    valid = labelled["mask"] != IGNORE_LABEL
+    supervised = cross_entropy(logits_of(labelled["image"]), labelled["mask"])[valid].mean()
+    strong = [term(logits_of(np.where(box[..., None], partner, weak)),
+                   np.where(box, partner_labels, labels),
+                   np.where(box, partner_confidence, confidence),
+                   np.where(box, partner_counted, counted)) for box in boxes]
+    assert len(strong) == (1 if variant == "fixmatch" else 2)
+    assert all(s > 0 for s in strong) and boxes[0].any()
+    np.testing.assert_allclose(logs["supervised_loss"], supervised, rtol=1e-5)
+    np.testing.assert_allclose(logs["strong_loss"], np.mean(strong), rtol=1e-5)
+    share = ((confidence >= np.float32(tau)) & counted).sum() / counted.sum()
+    np.testing.assert_allclose(logs["confident_share"], share, rtol=1e-6)
+    if variant == "fixmatch":
+        assert "fp_loss" not in logs
+        np.testing.assert_allclose(logs["loss"], (supervised + strong[0]) / 2, rtol=1e-5)
+        return
+    # The perturbed pass: the linear head on the channel-dropped weak features.
+    both = np.concatenate([labelled["image"], weak])
+    dropped = model.perturbed_features({"stem": tf.constant(both)}, 2, 0)["stem"].numpy()
+    fp = term(logits_of(dropped[-2:]), labels, confidence, counted)
+    np.testing.assert_allclose(logs["fp_loss"], fp, rtol=1e-5)
+    want = (supervised + 0.25 * strong[0] + 0.25 * strong[1] + 0.5 * fp) / 2
+    np.testing.assert_allclose(logs["loss"], want, rtol=1e-5)
+
+
+def test_pseudo_label_targets_for_the_monitor():
+    net, kernel, bias = linear_segmenter()
+    rng = np.random.default_rng(8)
+    images = rng.uniform(0, 255, (2, 3, 4, 3)).astype(np.float32)
+    probs = np.exp(log_softmax(images @ kernel + bias))
+    tau = float(np.median(probs.max(-1)))  # half the pixels admitted
+    model = UniMatch(net, NUM_CLASSES, confidence_threshold=tau, seed=0)
+    (labels, admitted), = model.pseudo_label_targets(tf.constant(images)).values()
+    np.testing.assert_array_equal(labels.numpy(), probs.argmax(-1))
+    np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) >= np.float32(tau))
+
+
+def numpy_ohem(logits, labels, threshold, min_kept):
+    """The released ProbOhemCrossEntropy2d on one device."""
+    probs = np.exp(log_softmax(logits)).reshape(-1, logits.shape[-1])
+    target = labels.reshape(-1)
+    valid = target != IGNORE_LABEL
+    if min_kept <= valid.sum() and valid.sum() > 0:
+        mask_prob = np.where(valid, probs[np.arange(len(target)), np.where(valid, target, 0)],
+                             1.0)
+        cut = threshold
+        if min_kept > 0:
+            kth = mask_prob[mask_prob.argsort()[min(len(mask_prob), min_kept) - 1]]
+            cut = kth if kth > threshold else threshold
+        valid = valid & (mask_prob <= cut)
+    ce = cross_entropy(logits, labels).reshape(-1)
+    return ce[valid].mean(), valid.sum()
+
+
+@pytest.mark.parametrize("threshold, min_kept", [(0.7, 5), (0.05, 30), (0.7, 500)])
+def test_ohem_matches_the_released_loss(threshold, min_kept):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, (2, 6, 5, NUM_CLASSES)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, (2, 6, 5)).astype(np.int32)
+    labels[1, :2] = IGNORE_LABEL
+    want, kept = numpy_ohem(logits, labels, threshold, min_kept)
+    assert 0 < kept  # (0.7, 500): fewer labelled pixels than min_kept, nothing is mined
+    got = losses.ohem_cross_entropy(logits, labels, threshold, min_kept).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# -- the feature perturbation ---------------------------------------------------------------
+def test_channel_dropout_rate_and_scale():
+    features = np.ones((64, 2, 2, 128), np.float32)
+    out = feature_ops.channel_dropout(features, 0.3, seeds.step_seed(0, 0, 1)).numpy()
+    per_channel = out[:, 0, 0, :]
+    assert set(np.unique(out)) == {0.0, np.float32(1 / 0.7)}
+    np.testing.assert_array_equal(out, np.broadcast_to(per_channel[:, None, None], out.shape))
+    dropped = (per_channel == 0).mean()
+    assert abs(dropped - 0.3) < 4 * np.sqrt(0.3 * 0.7 / per_channel.size)
+
+
+@pytest.mark.parametrize("perturb_labelled", [True, False])
+def test_feature_perturbation_only_on_the_perturbed_pass(perturb_labelled):
+    net, kernel, bias = linear_segmenter()
+    model = UniMatch(net, NUM_CLASSES, fp_rate=0.25, perturb_labelled=perturb_labelled,
+                     seed=0)
+    rng = np.random.default_rng(6)
+    labelled = rng.uniform(0, 255, (3, 4, 4, 3)).astype(np.float32)
+    weak = rng.uniform(0, 255, (5, 4, 4, 3)).astype(np.float32)
+    x, w, fp = (t.numpy() for t in model.weak_pass(labelled, weak, 0))
+    np.testing.assert_allclose(x, labelled @ kernel + bias, rtol=1e-5)
+    np.testing.assert_allclose(w, weak @ kernel + bias, rtol=1e-5)
+    both = np.concatenate([labelled, weak])
+    decoder = model.perturbed_features({"stem": tf.constant(both)}, 3, 0)["stem"].numpy()
+    assert len(decoder) == (16 if perturb_labelled else 13)
+    np.testing.assert_array_equal(decoder[:8], both)  # the clean pass is untouched
+    ratio = decoder[8:] / both[-len(decoder) + 8:]
+    assert set(np.round(np.unique(ratio), 5)) == {0.0, np.float32(1 / 0.75).round(5)}
+    np.testing.assert_allclose(fp, decoder[-5:] @ kernel + bias, rtol=1e-5)
+    assert not np.allclose(fp, w)
+    # The strong pass is the plain network (no dropout anywhere else).
+    np.testing.assert_allclose(model.segmenter(weak, training=True).numpy(), w, rtol=1e-6)
+
+
+def test_perturbation_reaches_the_blocks_each_head_reads():
+    for arch, expected in [("deeplabv3plus", {"stage1", "stage3"}), ("deeplabv2", {"stage3"})]:
+        keras.utils.set_random_seed(0)
+        net = models.build_segmenter(arch, "small", num_classes=NUM_CLASSES,
+                                     **({"aspp_channels": 8, "low_level_channels": 4,
+                                         "decoder_channels": 8} if arch != "deeplabv2"
+                                        else {}))
+        assert set(net.head_input_blocks) == expected
+    with pytest.raises(TypeError, match="Segmenter"):
+        UniMatch(tiny_segmenter(0), NUM_CLASSES)  # a plain Keras model has no blocks
+    FixMatch(tiny_segmenter(0), NUM_CLASSES)  # FixMatch needs none
+
+
+# -- the unlabelled stream: views and padding ------------------------------------------------
+def test_pipeline_pairs_views_and_marks_padding():
+    reader = Shapes(num_train=6, height=32, width=40)
+    examples = reader.examples("train")
+    ids = list(examples.ids)
+    labelled, unlabelled = examples.select(ids[:2]), examples.select(ids[2:])
+    ds = pipeline.train_dataset(reader, labelled, unlabelled, batch_size=2,
+                                unlabelled_batch_size=2, crop_size=(32, 40),
+                                scale_range=(0.5, 0.9), unlabelled_views=2,
+                                unlabelled_padding=True)
+    differ = False
+    for _, batch in ds.take(4):
+        ids = batch["id"].numpy()
+        assert len(ids) == 4 and ids[0] == ids[1] and ids[2] == ids[3]
+        padded = batch["padding"].numpy() == IGNORE_LABEL
+        assert padded.any(axis=(1, 2)).all()  # scaled below the crop: always padded
+        assert (batch["image"].numpy()[padded] == 0).all()
+        assert set(np.unique(batch["padding"].numpy())) <= {0, IGNORE_LABEL}
+        differ |= not np.array_equal(batch["image"][0], batch["image"][1])
+    assert differ  # the two views of an image are augmented independently
+
+
+# -- distribution and the driver -------------------------------------------------------------
+def replica_data():
+    rng = np.random.default_rng(7)
+    labelled = {"image": rng.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32),
+                "mask": rng.integers(0, NUM_CLASSES, (4, 16, 16)).astype(np.int32)}
+    labelled["mask"][2:, :8] = IGNORE_LABEL  # replicas count different pixel numbers
+    images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    padding = np.zeros((8, 16, 16), np.int32)
+    padding[4:, 10:] = IGNORE_LABEL
+    return labelled, {"image": images, "padding": padding}
+
+
+def replica_model(options):
+    keras.utils.set_random_seed(0)
+    net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
+                                 norm="sync_batch", aspp_channels=8, low_level_channels=4,
+                                 decoder_channels=8, dropout=0.0)  # Keras's dropout is stateful
+    return UniMatch(net, NUM_CLASSES, confidence_threshold=0.4, cutmix_probability=1.0,
+                    seed=1, **options)
+
+
+def train_two_steps(strategy, start_weights, options):
+    with strategy.scope():
+        model = replica_model(options)
+        model.set_weights(start_weights)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    logs = eager_steps(strategy, model, [replica_data()] * 2)
+    return model, {name: [step[name] for step in logs] for name in logs[0]}
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
+     "ohem_min_kept": 100}], ids=["unimatch", "fixmatch_batch_ohem"])
+def test_two_steps_same_on_one_and_two_replicas(two_replicas, options):
+    start = replica_model(options).get_weights()
+    one, logs = train_two_steps(tf.distribute.get_strategy(), start, options)
+    two, two_logs = train_two_steps(two_replicas, start, options)
+    assert two.distribute_strategy.num_replicas_in_sync == 2
+    moved = max(np.abs(a - b).max() for a, b in zip(start, one.get_weights()))
+    assert moved > 1e-3
+    for a, b in zip(one.get_weights(), two.get_weights()):  # moving statistics included
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for name in logs:
+        np.testing.assert_allclose(two_logs[name], logs[name], rtol=1e-4, atol=1e-6)
+    assert 0 < logs["confident_share"][0] < 1 and logs["strong_loss"][0] > 0
+
+
+TINY_CONFIG = TINY_SHAPES_CONFIG + """
+shapes.num_val = 2
+pipeline.scale_range = (0.6, 1.0)
+pipeline.unlabelled_batch_size = 2
+pipeline.unlabelled_views = 2
+pipeline.unlabelled_padding = True
+train.method = @UniMatch
+UniMatch.confidence_threshold = 0.5
+train.steps = 2
+train.steps_per_epoch = 1
+"""
+
+
+class Crash(Exception):
+    pass
+
+
+def test_driver_run_crashes_and_resumes(tmp_path, monkeypatch):
+    """Two steps through kssl.training.train, killed after the first: the resumed run
+    starts from the backed-up network and step counter and finishes the second step."""
+    path = tmp_path / "unimatch.gin"
+    path.write_text(TINY_CONFIG)
+    workdir = str(tmp_path / "run")
+    config.parse([str(path)])
+    seen = []
+
+    def crash_in_second_epoch(self, epoch, logs=None):
+        seen.append((int(self.model.optimizer.iterations.numpy()),
+                     [w.copy() for w in self.model.segmenter.get_weights()]))
+        if epoch == 1:
+            raise Crash()
+
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
+    with pytest.raises(Crash):
+        training.train(workdir)
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    saved_step, saved = seen[-1]
+    assert saved_step == 1
+
+    seen.clear()
+    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
+                        lambda self, epoch, logs=None: seen.append(
+                            (int(self.model.optimizer.iterations.numpy()),
+                             [w.copy() for w in self.model.segmenter.get_weights()])))
+    metrics = training.train(workdir)
+    assert len(seen) == 1 and seen[0][0] == 1  # only the second epoch ran
+    for got, want in zip(seen[0][1], saved):
+        np.testing.assert_array_equal(got, want)
+    assert metrics["steps"] == 2 and metrics["method"] == "UniMatch"
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    gin.clear_config()
