@@ -73,20 +73,31 @@ def parse_saved_run(path: str, bindings=(), stage=None) -> None:
 
 
 _GIN_SUFFIX = "\n  In call to configurable"
+
+
+def without_gin_context(message: str) -> str:
+    """`message` without the "In call to configurable ..." lines gin appends to an error
+    raised inside a configurable."""
+    return str(message).split(_GIN_SUFFIX)[0]
+
+
 _GIN_MESSAGES = ("No configurable matching", "doesn't have a parameter", "Required bindings",
                  "is not a configurable", "Could not find configurable")
 
 
 def call_configured(fn, *args, **kwargs):
     """Calls a configurable; a gin error inside it (e.g. `@unknown()` used at call time)
-    becomes a one-line ConfigError, a DataError loses gin's "In call to configurable"
-    suffix, and every other error passes through untouched with its traceback."""
+    becomes a one-line ConfigError, a ConfigError or DataError loses gin's "In call to
+    configurable" suffix, and every other error passes through untouched with its
+    traceback."""
     from kssl.data.readers.base import DataError
 
     try:
         return fn(*args, **kwargs)
-    except DataError as error:
-        raise DataError(str(error).split(_GIN_SUFFIX)[0]) from None
+    except (ConfigError, DataError) as error:
+        # Not type(error): gin re-raises a subclass of it that takes other arguments.
+        kind = ConfigError if isinstance(error, ConfigError) else DataError
+        raise kind(without_gin_context(error)) from None
     except (ValueError, KeyError, TypeError) as error:
         message = str(error).split(_GIN_SUFFIX)[0]
         if any(pattern in message for pattern in _GIN_MESSAGES):

@@ -20,15 +20,34 @@ def fail(message: str) -> None:
 
 def guarded(main):
     """Wraps an absl main so that expected user errors print one line, not a traceback."""
-    from kssl.config import ConfigError
-    from kssl.data.readers.base import DataError
 
     def wrapped(argv):
+        # Imported here, not when the tool's module is: `--help` needs no TensorFlow.
+        from kssl.config import ConfigError, without_gin_context
+        from kssl.data.readers.base import DataError
+
         try:
             return main(argv)
         except (ConfigError, DataError, FileNotFoundError) as error:
-            fail(" ".join(str(error).split()) if isinstance(error, ConfigError) else str(error))
+            # Raised inside a gin configurable, the message carries gin's call context.
+            message = without_gin_context(error)
+            fail(" ".join(message.split()) if isinstance(error, ConfigError) else message)
     return wrapped
+
+
+def run_tool(main, module_name: str) -> None:
+    """Runs the absl `main` of the tool defined in `module_name`, with a `--help` that
+    shows that module's docstring and flags.
+
+    absl's `--help` describes the launching script (bin/X, or the kssl-X entry point),
+    which defines no flags of its own.
+    """
+    from absl import app, flags
+
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main)
 
 
 def load_run(workdir: str, bindings=()):

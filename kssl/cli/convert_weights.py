@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from kssl.cli import common
 
@@ -67,7 +67,7 @@ def main(argv):
 def run():
     """What bin/convert_weights runs."""
     _define_flags()
-    app.run(main)
+    common.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

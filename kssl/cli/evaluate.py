@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from kssl.cli import common
 
@@ -46,7 +46,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ inference network for deployment (see `kssl.export` for what each format takes).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from kssl.cli import common
 
@@ -68,7 +68,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_tool(main, __name__)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from kssl.cli import common
 
@@ -31,7 +31,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    common.run_tool(main, __name__)
 
 
 if __name__ == "__main__":
