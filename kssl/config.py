@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
@@ -16,18 +17,75 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+)\1\s*(#.*)?$""")
+
+
+def resolve_include(name: str, including_file: str) -> str:
+    """The file that `include 'name'` in `including_file` means.
+
+    A relative name is looked up next to the including file, then in each folder above
+    it (so `include 'configs/x.gin'` in `configs/y.gin` works from any directory), then
+    in the current directory. Raises ConfigError when none holds it.
+    """
+    if os.path.isabs(name):
+        folders = [""]
+    else:
+        folders = []
+        folder = os.path.dirname(os.path.abspath(including_file))
+        while folder not in folders:
+            folders.append(folder)
+            folder = os.path.dirname(folder)
+        folders.append(os.getcwd())
+    for folder in folders:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"{including_file}: included file {name!r} not found next to it, in "
+                      f"a folder above it or in the current directory ({os.getcwd()})")
+
+
+def _parse_file(path: str, including=()) -> None:
+    """Parses one config file, each `include` resolved by `resolve_include`.
+
+    Gin itself looks for an included file in the current directory only, so the file is
+    handed to gin in pieces between its include lines, each piece padded with empty
+    lines so that gin's error locations keep the file's name and line numbers.
+    """
+    if path in including:
+        raise ConfigError(f"{path} includes itself (through {' -> '.join(including)})")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    start = 0
+
+    def parse_lines(end):
+        if any(line.strip() for line in lines[start:end]):
+            piece = io.StringIO("\n" * start + "\n".join(lines[start:end]))
+            piece.name = path
+            gin.parse_config(piece)
+
+    for number, line in enumerate(lines):
+        match = _INCLUDE.match(line)
+        if match:
+            parse_lines(number)
+            start = number + 1
+            _parse_file(resolve_include(match.group(2), path), including + (path,))
+    parse_lines(len(lines))
+
+
 def parse(config_files=(), bindings=()) -> None:
     """Parses gin files then `--gin_param` bindings (later ones win).
 
     Every configurable must already be registered (import `kssl.training` first), so a
     mistyped parameter or an unknown dataset is caught here, before anything is built.
+    Includes are resolved relative to the including file (see `resolve_include`).
     """
     for path in config_files:
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
     try:
-        gin.parse_config_files_and_bindings(list(config_files), list(bindings),
-                                            finalize_config=False)
+        for path in config_files:
+            _parse_file(os.path.abspath(path))
+        gin.parse_config(list(bindings))
     except Exception as error:  # gin raises ValueError, KeyError, SyntaxError, ...
         raise ConfigError(_one_line(error)) from None
 
