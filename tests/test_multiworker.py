@@ -274,7 +274,7 @@ def test_only_the_chief_writes_the_run(job):
     assert job["worker1_backup_written"]  # worker 1 saved its backup to its scratch copy
     assert not os.path.exists(job["scratch"])  # ... which is gone once the run finished
     assert sorted(os.listdir(workdir)) == ["backup", "config.gin", "logs", "metrics.json",
-                                           "model.weights.h5"]
+                                           "model.weights.h5", "pseudo_label_monitor.json"]
     with open(os.path.join(workdir, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["steps"] == STEPS and metrics["method"] == "RecordingClassMix"
