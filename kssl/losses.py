@@ -132,7 +132,8 @@ def confidence_weights(confidence: tf.Tensor, threshold: float,
 
     Args:
       confidence: [B, H, W] probability of each pixel's pseudo-label.
-      threshold: a pixel is confident when its confidence exceeds this.
+      threshold: a pixel is confident when its confidence exceeds this: one number, or
+        a per-pixel tensor [B, H, W] (class-adaptive thresholds of each pixel's label).
       weighting: "batch": every pixel weighs the share of confident pixels in the
         *global* batch (the ClassMix code; the count is all-reduced, so one value on every
         replica); "image": the share within each pixel's own image (the ClassMix paper's
