@@ -17,6 +17,7 @@ Conventions (the same everywhere in kssl):
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence
 
 import keras
@@ -210,6 +211,13 @@ def batch_confusion(labels, predictions, num_classes: int, ignore_label: int = I
     return tf.reshape(tf.cast(counts[:bins], tf.float64), [num_classes, num_classes])
 
 
+def progress_bar(target: Optional[int], **options) -> keras.utils.Progbar:
+    """A Keras progress bar that redraws itself on a terminal and otherwise (a log file,
+    a pipe) prints one line when it is done: Keras takes every POSIX process for a live
+    display and would write each update with a carriage return into the file."""
+    return keras.utils.Progbar(target, verbose=1 if sys.stdout.isatty() else 2, **options)
+
+
 # -- inference ------------------------------------------------------------------------
 def _pair(value, name: str):
     """(int, int) from an int or a pair of positive ints."""
@@ -395,14 +403,17 @@ def evaluate(model, dataset: tf.data.Dataset, num_classes: int,
 
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     cardinality = int(dataset.cardinality())
-    bar = (keras.utils.Progbar(cardinality if cardinality >= 0 else None,
-                               stateful_metrics=["mean_iou"], unit_name="batch")
+    bar = (progress_bar(cardinality if cardinality >= 0 else None,
+                        stateful_metrics=["mean_iou"], unit_name="batch")
            if progress else None)
-    num_images = 0
-    for batch_index, (images, masks) in enumerate(dataset):
+    num_images = batches = 0
+    for batches, (images, masks) in enumerate(dataset, start=1):
         num_images += int(step(images, masks))
         if bar is not None:
-            bar.update(batch_index + 1, values=[("mean_iou", float(metric.result()))])
+            bar.update(batches, values=[("mean_iou", float(metric.result()))])
+    if bar is not None and bar.target is None:  # the length is known now: close the bar
+        bar.target = batches
+        bar.update(batches, values=[("mean_iou", float(metric.result()))], finalize=True)
     if num_images == 0:
         raise ValueError("evaluate: the dataset yielded no images")
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from typing import List
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL
-from kssl.data.readers.base import decode_image
-from kssl.evaluation import predict_logits, resolve_mode
+from kssl.data.examples import IGNORE_LABEL, check_utf8_name
+from kssl.data.readers.base import DataError, decode_image
+from kssl.evaluation import predict_logits, progress_bar, resolve_mode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 IGNORE_COLOUR = (255, 255, 255)
@@ -39,12 +38,41 @@ def list_images(input_dir: str) -> List[str]:
     """The image files (jpg/jpeg/png/bmp, any case) directly in a folder, sorted by name."""
     if not tf.io.gfile.isdir(input_dir):
         raise FileNotFoundError(f"{input_dir}: not a folder")
-    names = sorted(n for n in tf.io.gfile.listdir(input_dir)
-                   if n.lower().endswith(IMAGE_EXTENSIONS))
+    try:
+        listed = tf.io.gfile.listdir(input_dir)
+    except UnicodeDecodeError:  # a local name that is not UTF-8: list it to name it
+        listed = os.listdir(input_dir)
+    names = sorted(n for n in listed if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise ValueError(f"{input_dir}: no images found (expected files ending in "
                          f"{', '.join(IMAGE_EXTENSIONS)})")
+    for name in names:
+        check_utf8_name(os.path.join(input_dir, name))
     return [os.path.join(input_dir, n) for n in names]
+
+
+def check_images(paths: List[str]) -> None:
+    """Raises DataError naming the first of `paths` that does not decode as an image
+    (e.g. a text file named .jpg), so a folder is refused before any mask is written."""
+    from kssl.data.validate import _op_error_text
+
+    def shape(path):
+        return path, tf.shape(decode_image(path))
+
+    # One parallel pass; the files that drop out of it are decoded again to say why.
+    decoded = tf.data.Dataset.from_tensor_slices(paths).map(
+        shape, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    readable = {path.decode("utf-8") for path, _ in decoded.as_numpy_iterator()}
+    bad = [path for path in paths if path not in readable]
+    if bad:
+        try:
+            decode_image(tf.constant(bad[0]))
+            reason = "it fails to decode"
+        except tf.errors.OpError as error:
+            reason = _op_error_text(error)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]} is not an image kssl can read ({reason}); expected a "
+                        f"JPEG, PNG, BMP or GIF file{more}")
 
 
 def _resolved(path: str) -> str:
@@ -75,6 +103,7 @@ def predict_folder(model, input_dir: str, output_dir: str, palette, input_size=N
     if clashes:
         raise ValueError(f"{input_dir}: images {clashes} share a name stem and would write "
                          "the same output file")
+    check_images(paths)
     ends = ("", "_ids") if write_ids else ("",)
     outputs = [os.path.join(output_dir, f"{stem}{end}.png") for stem in stems for end in ends]
     existing = [path for path in outputs if tf.io.gfile.exists(path)]
@@ -93,7 +122,7 @@ def predict_folder(model, input_dir: str, output_dir: str, palette, input_size=N
     # Decoding in tf.data overlaps file reads with the model; images keep their own size.
     images = tf.data.Dataset.from_tensor_slices(paths).map(
         decode_image, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-    bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
+    bar = progress_bar(len(paths), unit_name="image") if progress else None
     written = []
     for k, (path, stem, image) in enumerate(zip(paths, stems, images)):
         ids = segment(image).numpy()

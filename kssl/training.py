@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kssl import checks
 from kssl import config as kssl_config
 from kssl import evaluation, models, optimizers
 from kssl import run_files
@@ -197,8 +198,10 @@ def scaled_learning_rate(learning_rate: float, batch_size: Optional[int],
 @gin.configurable("optimizer")
 def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
                     weight_decay=1e-4, schedule="poly", power=0.9, end_learning_rate=0.0,
-                    reference_batch_size=None, batch_scaling="linear", batch_size=None):
-    """SGD (momentum, Nesterov off) or Adam/AdamW with a poly or constant schedule.
+                    reference_batch_size=None, batch_scaling="linear", batch_size=None,
+                    nesterov=False):
+    """SGD (momentum; Nesterov momentum with `nesterov`, as ClassMix trains) or
+    Adam/AdamW with a poly or constant schedule.
 
     The optimizers take per-variable learning-rate multipliers (`kssl.optimizers`), which a
     method sets (e.g. `ThreeStage.backbone_lr_multiplier`). Weight decay is decoupled
@@ -224,8 +227,11 @@ def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
         lr = learning_rate
     else:
         raise ValueError(f"optimizer.schedule must be 'poly' or 'constant', got {schedule!r}")
+    if nesterov and name != "sgd":
+        raise ValueError(f"optimizer.nesterov is an SGD option; optimizer.name is {name!r}")
     if name == "sgd":
-        opt = optimizers.SGD(lr, momentum=momentum, weight_decay=weight_decay or None)
+        opt = optimizers.SGD(lr, momentum=momentum, nesterov=nesterov,
+                             weight_decay=weight_decay or None)
     elif name == "adam":
         opt = optimizers.Adam(lr)
     elif name == "adamw":
@@ -240,6 +246,8 @@ def build_optimizer(total_steps, name="sgd", learning_rate=0.01, momentum=0.9,
 @gin.configurable("evaluation")
 def evaluation_settings(mode="whole", input_size=None, window=None, stride=None, flip=False):
     """How the final model is scored: see `kssl.evaluation.predict_logits`."""
+    checks.check_evaluation(dict(mode=mode, input_size=input_size, window=window,
+                                 stride=stride, flip=flip))
     return dict(mode=mode, input_size=None if input_size is None else tuple(input_size),
                 window=None if window is None else tuple(window),
                 stride=None if stride is None else tuple(stride), flip=flip)
@@ -765,6 +773,8 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     """
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any operation.
     dist = choose_strategy(strategy)
+    if stage is None:  # every configured value, every stage's included, before any data
+        checks.check_run(workdir, getattr(method, "stages", 1))
     chief_workdir = None
     if stage is None and not is_chief(dist):
         # Only the chief's files are the run's: this worker runs the same code (saves
@@ -848,8 +858,12 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     with dist.scope():
         segmenter = build_model(num_classes)
-        model = method_factory(segmenter, num_classes=num_classes,
-                               class_weights=class_weights)
+        try:
+            model = method_factory(segmenter, num_classes=num_classes,
+                                   class_weights=class_weights)
+        except ValueError as error:  # the method's check of its own options
+            raise kssl_config.ConfigError(
+                f"{method.__name__}: {kssl_config.without_gin_context(error)}") from None
         model.compile(optimizer=build_optimizer(steps, batch_size=settings["batch_size"]),
                       jit_compile=jit_compile)
     eval_settings = evaluation_settings()

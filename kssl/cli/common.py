@@ -57,6 +57,9 @@ def load_run(workdir: str, bindings=()):
     `kssl.config.parse_saved_run`)."""
     from kssl import config, training
 
+    if os.path.isfile(workdir):
+        raise FileNotFoundError(f"--workdir {workdir} is a file; expected a training run's "
+                                "folder")
     path = os.path.join(workdir, "config.gin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a kssl training directory?")
@@ -93,8 +96,68 @@ def load_inference_network(workdir: str, num_classes: int):
             f"{weights} not found: the run in {workdir} has not finished (run bin/train "
             "again with the same --workdir to resume it)")
     network = training.build_model(num_classes, weights=None)
-    network.load_weights(weights)
+    load_trained_weights(network, weights, os.path.join(workdir, "config.gin"), num_classes)
     return network
+
+
+def load_trained_weights(network, path: str, config_path: str, num_classes: int) -> None:
+    """`network.load_weights(path)`; a damaged file, or one whose variables do not fit
+    the network that `config_path` describes, is a one-line ConfigError naming `path`."""
+    from kssl.config import ConfigError
+
+    try:
+        network.load_weights(path)
+    except (OSError, KeyError, RuntimeError) as error:  # h5py: truncated, empty, not HDF5
+        raise ConfigError(
+            f"{path} is not a readable Keras weight file ({' '.join(str(error).split())}): "
+            "it is damaged or incomplete; copy it again, or train the run again") from None
+    except ValueError as error:
+        detail = weight_mismatch(network, path) or str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"{path} does not fit the network {config_path} describes ({num_classes} "
+            f"classes): {detail}; were the weights trained with another class count or "
+            "model.* settings?") from None
+
+
+def weight_mismatch(network, path: str) -> str:
+    """The first difference between the variables stored in the weight file `path` and
+    those `network` saves ("" when none is found)."""
+    import tempfile
+
+    import h5py
+
+    def shapes(file_path):
+        found = {}
+        with h5py.File(file_path, "r") as f:
+            f.visititems(lambda name, item: found.__setitem__(name, tuple(item.shape))
+                         if isinstance(item, h5py.Dataset) else None)
+        return found
+
+    with tempfile.TemporaryDirectory() as scratch:
+        expected_path = os.path.join(scratch, "expected.weights.h5")
+        network.save_weights(expected_path)
+        expected = shapes(expected_path)
+    stored = shapes(path)
+    for name in sorted(set(stored) & set(expected)):
+        if stored[name] != expected[name]:
+            classes = ""
+            if "classifier" in name and stored[name][-1:] != expected[name][-1:]:
+                classes = (f" (a classifier for {stored[name][-1]} classes, the network has "
+                           f"{expected[name][-1]})")
+            return (f"variable {name} has shape {stored[name]} in the file, "
+                    f"{expected[name]} in the network{classes}")
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the network's variables are not in the file "
+                         f"(e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} of the file's are not in the network (e.g. "
+                         f"{extra[0]})")
+        return " and ".join(parts) + ": another architecture"
+    return ""
 
 
 def load_trained(workdir: str):

@@ -8,6 +8,7 @@ split. Everything after that (subset selection, validation, the tf.data pipeline
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -71,6 +72,8 @@ class Examples:
             raise ValueError("Examples: ids and images differ in length")
         if self.masks is not None and len(self.masks) != len(self.ids):
             raise ValueError("Examples: ids and masks differ in length")
+        for name in (*self.images, *(self.masks or ())):
+            check_utf8_name(name, self.source)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,3 +96,22 @@ class Examples:
         rows = [index[i] for i in ids]
         masks = None if self.masks is None else tuple(self.masks[r] for r in rows)
         return Examples(tuple(ids), tuple(self.images[r] for r in rows), masks, self.source)
+
+
+def check_utf8_name(path, source: str = "") -> None:
+    """Raises DataError naming `path` when it is a file name that is not valid UTF-8.
+
+    Python lists such a name with surrogate escapes, which TensorFlow's file ops (UTF-8
+    strings) and the id hashing cannot encode; failing here names the file.
+    """
+    if not isinstance(path, str):
+        return
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        from kssl.data.readers.base import DataError  # base imports this module
+
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(f"file name is not valid UTF-8: {shown}"
+                        f"{f' (in {source})' if source else ''}; expected UTF-8 names "
+                        "(TensorFlow reads UTF-8 paths only): rename the file") from None

@@ -149,7 +149,7 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                                  output_type=tf.int32),
         reduce_retracing=True)
     total = sum(len(examples) for _, examples in pools)
-    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    bar = evaluation.progress_bar(total, unit_name="image") if progress else None
     ids, files, report = [], [], {}
     for name, examples in pools:
         scored = examples.has_masks

@@ -187,6 +187,11 @@ def _bad_values(reader, histograms, num_classes, names, max_listed):
     bad_lines, colour_lines = [], []
     for k, histogram in histograms.items():
         bad = [int(v) for v in np.nonzero((histogram > 0) & ~valid)[0]]
+        shown, sixteen_bit = bad, []
+        if palette is None and UNKNOWN_COLOUR in bad and names.mask_path(k) is not None:
+            sixteen_bit = _values_above_255(names.mask_path(k))
+            if sixteen_bit:  # the real values, not the 254 they were decoded to
+                shown = [v for v in bad if v != UNKNOWN_COLOUR] + sixteen_bit
         if palette is not None and UNKNOWN_COLOUR in bad:
             bad.remove(UNKNOWN_COLOUR)
             colours = (_unknown_colours(names.mask_path(k), palette)
@@ -196,11 +201,25 @@ def _bad_values(reader, histograms, num_classes, names, max_listed):
         if bad:
             pixels = int(histogram[bad].sum())
             hint = ""
-            if palette is None and UNKNOWN_COLOUR in bad:
+            if sixteen_bit:
+                hint = " (a 16-bit PNG: class ids must be below 256)"
+            elif palette is None and UNKNOWN_COLOUR in bad:
                 hint = (f" ({UNKNOWN_COLOUR} is also what a pixel whose R, G, B differ reads "
                         f"as: colour-coded masks need a mask palette)")
-            bad_lines.append(f"{names.mask(k)}: values {bad} in {pixels} pixels{hint}")
+            bad_lines.append(f"{names.mask(k)}: values {shown} in {pixels} pixels{hint}")
     return bad_lines, colour_lines
+
+
+def _values_above_255(path: str, listed: int = 10) -> list:
+    """The stored values above 255 of a 16-bit greyscale PNG mask, which decoding folds
+    into UNKNOWN_COLOUR (at most `listed`); [] for any other file."""
+    contents = tf.io.read_file(path)
+    header = base._header(contents).numpy()
+    if (bytes(header[:8]) != base._PNG_SIGNATURE or header[24] != 16
+            or header[25] not in (0, 4)):  # greyscale, or greyscale with alpha
+        return []
+    values = np.unique(tf.io.decode_png(contents, channels=1, dtype=tf.uint16).numpy())
+    return [int(v) for v in values[values > 255][:listed]]
 
 
 def _unknown_colours(path: Optional[str], palette: np.ndarray, listed: int = 5) -> str:

@@ -65,7 +65,9 @@ class Shapes(Reader):
                  width: int = 128, seed: int = 0):
         for name, value, low in (("num_train", num_train, 0), ("num_val", num_val, 0),
                                  ("height", height, 32), ("width", width, 32)):
-            if int(value) != value or value < low:
+            # A string ('20') or a bool would pass int(); the error names the value.
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
+                    or value < low:
                 raise ValueError(f"Shapes: {name} must be an integer >= {low}, got {value!r}")
         self.sizes = {"train": int(num_train), "val": int(num_val)}
         self.height, self.width, self.seed = int(height), int(width), int(seed)
@@ -116,7 +118,7 @@ class Shapes(Reader):
 
     def _size(self, split: str) -> int:
         if split not in SPLITS:
-            raise ValueError(f"Shapes has splits {sorted(SPLITS)}, not {split!r}")
+            raise DataError(f"Shapes: no split {split!r}; splits: {sorted(SPLITS)}")
         return self.sizes[split]
 
 
