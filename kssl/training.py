@@ -33,7 +33,7 @@ from absl import logging
 
 from kssl import checks
 from kssl import config as kssl_config
-from kssl import evaluation, models, optimizers
+from kssl import evaluation, models, optimizers, pseudo_label_monitor
 from kssl import run_files
 from kssl.data import class_balance, pipeline, splits, validate
 from kssl.data.examples import Examples
@@ -48,6 +48,7 @@ from kssl.data.readers.voc import VOC
 from kssl.augment.randaugment import RandAugmentCutout
 from kssl.augment.strong import ColorJitterGrayscaleBlur, StrongAugment
 from kssl.methods import ClassMix, FixMatch, GuidedMix, MKD, Supervised, ThreeStage, UniMatch
+from kssl.methods.base import SegmentationMethod
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
 for _cls, _name in [(CamVid, "camvid"), (Cityscapes, "cityscapes"), (Folder, "folder"),
@@ -115,6 +116,14 @@ def supervised_loss_settings(class_weights=None):
     papers train), 'median_frequency' (SegNet's CamVid protocol: computed from the
     labelled masks, see `kssl.data.class_balance`), or one weight per class."""
     return class_weights
+
+
+@gin.configurable("pseudo_label_monitor")
+def monitor_settings(images=16, every_steps=None):
+    """The pseudo-label monitor of semi-supervised runs (`kssl.pseudo_label_monitor`):
+    `images` unlabelled images spread over the pool (0 turns it off), scored every
+    `every_steps` optimizer steps (default: train.steps_per_epoch) and at the end."""
+    return images, every_steps
 
 
 @gin.configurable("model")
@@ -831,6 +840,12 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
             supervised_loss_settings(), reader, labelled, num_classes)
     except ValueError as error:
         raise kssl_config.ConfigError(str(error)) from None
+    # The labelled masks' class distribution: the target of distribution alignment and
+    # the reference of the pseudo-label monitor.
+    class_prior = None
+    if training_pool is not None:
+        class_prior = pseudo_label_monitor.labelled_prior(
+            class_balance.class_pixel_counts(reader, labelled, num_classes)[0])
     if class_weights is not None:
         print("kssl: supervised loss class weights: " + class_balance.format_weights(
             class_weights, reader.info.class_names), flush=True)
@@ -860,7 +875,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         segmenter = build_model(num_classes)
         try:
             model = method_factory(segmenter, num_classes=num_classes,
-                                   class_weights=class_weights)
+                                   class_weights=class_weights, class_prior=class_prior)
         except ValueError as error:  # the method's check of its own options
             raise kssl_config.ConfigError(
                 f"{method.__name__}: {kssl_config.without_gin_context(error)}") from None
@@ -885,6 +900,11 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         PeriodicEvaluation(eval_every_epochs, score),
         keras.callbacks.TensorBoard(os.path.join(workdir, "logs"), update_freq="epoch"),
     ]
+    monitor = build_monitor(model, reader, train_split, labelled, unlabelled,
+                            unlabelled_reader, settings, steps_per_epoch, workdir,
+                            class_prior)
+    if monitor is not None:
+        callbacks.append(monitor)
     writer = None
     if stage is not None and stage < method.stages:
         pools = [("labelled", labelled),
@@ -917,6 +937,8 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         result["stage"] = stage
     if writer is not None:
         result["pseudo_masks"] = writer.report
+    if monitor is not None and monitor.history:
+        result["pseudo_label_monitor"] = monitor.history
     write_json(metrics_path, result)
     # The workers leave together: a worker that exits while another still runs is
     # reported by the other as crashed.
@@ -943,6 +965,29 @@ def concat_examples(first: Examples, second: Optional[Examples]) -> Examples:
         return first.without_masks()
     return Examples(first.ids + second.ids, first.images + second.images, None,
                     f"{first.source} + {second.source}")
+
+
+def build_monitor(model, reader, train_split, labelled, unlabelled, unlabelled_reader,
+                  settings, steps_per_epoch, workdir, prior):
+    """The pseudo-label monitor of a method that trains on pseudo-labels, or None (a
+    supervised run, no unlabelled pool, or `pseudo_label_monitor.images = 0`)."""
+    count, every_steps = monitor_settings()
+    if not count or prior is None or unlabelled is None or len(unlabelled) == 0 or (
+            type(model).pseudo_label_targets is SegmentationMethod.pseudo_label_targets):
+        return None
+    size = settings["resize"]
+    if unlabelled_reader is None:
+        pool = with_ground_truth(unlabelled, reader, train_split, settings["validate_data"])
+    else:
+        pool = unlabelled
+    images, truth = pseudo_label_monitor.load_subset(
+        unlabelled_reader or reader, pool, count, size, with_masks=pool.has_masks)
+    partners, _ = pseudo_label_monitor.load_subset(reader, labelled, len(images),
+                                                   images.shape[1:3])
+    partners = np.resize(partners, images.shape)  # cycled when fewer labelled images
+    return pseudo_label_monitor.PseudoLabelMonitor(
+        images, truth, partners, prior, reader.info.class_names,
+        every_steps or steps_per_epoch, directory=workdir)
 
 
 def with_ground_truth(pool: Examples, reader, train_split, check: bool) -> Examples:
