@@ -396,3 +396,28 @@ def test_start_stage_without_stored_pseudo_masks_fails_first(tmp_path):
     config.parse([], [STAGED])
     with pytest.raises(config.ConfigError, match="pseudo-masks of stage 1"):
         training.train(str(tmp_path / "run"), start_stage=2)
+
+
+def test_a_confidence_threshold_stores_the_ignore_label_below_it(tmp_path):
+    """Pseudo-masks filtered by confidence: below the threshold the stored pixel is 255,
+    above it the argmax; the report says which share was kept."""
+    reader = shapes_reader()
+    examples = reader.examples("train")
+    pool = examples.select(examples.ids[:3])
+    network = small_segmenter()
+    images = tf.image.resize(tf.cast(next(iter(reader.load(pool, False).batch(3)))["image"],
+                                     tf.float32), (12, 16))
+    probs = tf.nn.softmax(network(images)).numpy()
+    threshold = float(np.median(probs.max(-1)))  # about half the pixels pass
+    report = write_pseudo_masks(str(tmp_path / "pl"), network, reader, [("unlabelled", pool)],
+                                num_classes=7, resize=(12, 16), progress=False,
+                                confidence_threshold=threshold)
+    store = PseudoMaskStore(str(tmp_path / "pl"))
+    expected = np.where(probs.max(-1) >= threshold, probs.argmax(-1), 255)
+    files = dict(zip(store.ids, store.index["files"]))
+    for k, example_id in enumerate(pool.ids):
+        stored = tf.io.decode_png(tf.io.read_file(
+            str(tmp_path / "pl" / files[example_id])))[..., 0].numpy()
+        np.testing.assert_array_equal(stored, expected[k])
+    assert report["unlabelled_kept_share"] == pytest.approx(np.mean(expected != 255))
+    assert 0.3 < report["unlabelled_kept_share"] < 0.7

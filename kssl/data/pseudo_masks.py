@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from kssl import evaluation
 from kssl.data import transforms
-from kssl.data.examples import Examples
+from kssl.data.examples import IGNORE_LABEL, Examples
 from kssl.data.readers.base import DataError, Reader
 
 INDEX = "index.json"
@@ -120,7 +120,8 @@ def _same_size_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
 def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                        pools: Sequence[tuple], num_classes: int,
                        resize: Optional[Sequence[int]] = None, batch_size: int = 8,
-                       progress: bool = True) -> dict:
+                       progress: bool = True,
+                       confidence_threshold: Optional[float] = None) -> dict:
     """Predicts and stores the argmax of `network` on every example of `pools`.
 
     Args:
@@ -130,9 +131,13 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
       pools: (name, Examples) pairs, e.g. ("labelled", ...), ("unlabelled", ...); a pool
         whose examples all have ground-truth masks gets its pseudo-masks scored.
       resize: the training pipeline's `resize`, so masks match the images it loads.
+      confidence_threshold: store the ignore label (255) where the network's softmax
+        confidence is below this, so self-training learns only the confident pixels
+        (None: every pixel keeps its argmax, as the three-stage paper).
     Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...,
-    "<name>_confusion_matrix": ...} for each scored pool (pseudo-mask against ground truth
-    at the stored resolution; matrix rows are the true class) and "num_masks".
+    "<name>_confusion_matrix": ..., "<name>_kept_share": ...} for each scored pool
+    (pseudo-mask against ground truth at the stored resolution, over the kept pixels;
+    matrix rows are the true class; the share of pixels kept) and "num_masks".
     """
     if num_classes > 255:
         raise ValueError(f"pseudo-masks are stored as 8-bit class ids (255 = ignore); "
@@ -144,10 +149,15 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
     if os.path.exists(partial):
         shutil.rmtree(partial)
     os.makedirs(partial)
-    predict = tf.function(
-        lambda images: tf.argmax(network(images, training=False), axis=-1,
-                                 output_type=tf.int32),
-        reduce_retracing=True)
+    def labels_of(images):
+        probs = tf.nn.softmax(tf.cast(network(images, training=False), tf.float32))
+        labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        if confidence_threshold is None:
+            return labels
+        return tf.where(tf.reduce_max(probs, -1) >= confidence_threshold, labels,
+                        IGNORE_LABEL)
+
+    predict = tf.function(labels_of, reduce_retracing=True)
     total = sum(len(examples) for _, examples in pools)
     bar = evaluation.progress_bar(total, unit_name="image") if progress else None
     ids, files, report = [], [], {}
@@ -158,8 +168,11 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
             ds = ds.map(lambda e: transforms.resize(e, resize),
                         num_parallel_calls=tf.data.AUTOTUNE)
         confusion = np.zeros((num_classes, num_classes), np.int64)
+        kept = pixels = 0
         for batch in _same_size_batches(ds, batch_size).prefetch(tf.data.AUTOTUNE):
             labels = predict(tf.cast(batch["image"], tf.float32)).numpy().astype(np.uint8)
+            kept += int(np.sum(labels != IGNORE_LABEL))
+            pixels += labels.size
             for k, example_id in enumerate(batch["id"].numpy()):
                 file_name = f"{len(ids):06d}.png"
                 png = tf.io.encode_png(labels[k][..., None])
@@ -176,6 +189,7 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
             report[f"{name}_pixel_accuracy"] = evaluation.pixel_accuracy_from_confusion(
                 confusion)
             report[f"{name}_confusion_matrix"] = confusion.tolist()
+            report[f"{name}_kept_share"] = kept / max(pixels, 1)
     report["num_masks"] = len(ids)
     with open(os.path.join(partial, INDEX), "w") as f:
         json.dump({"ids": ids, "files": files, "num_classes": num_classes,

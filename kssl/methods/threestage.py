@@ -70,6 +70,10 @@ class ThreeStage(SegmentationMethod):
         Stage 1 has only the student.
       inference: the network evaluated and exported in stages 2-3: "teacher" (the released
         code) or "student".
+      pseudo_mask_threshold: a control against confirmation bias: the stored
+        pseudo-masks keep a pixel's class only where the writing network's softmax
+        confidence reaches this, and the ignore label elsewhere (None: every pixel, as
+        the paper and the released code).
       backbone_lr_multiplier: learning-rate factor of the backbone blocks shared with the
         pretrained network (0.1, the released code); new layers (heads, the branch) train
         at the full rate. Use 1.0 for a backbone trained from scratch.
@@ -86,7 +90,9 @@ class ThreeStage(SegmentationMethod):
                  ema_decays: Sequence[float] = (0.99, 0.995, 0.9975, 0.999),
                  branch_width: float = 0.5, placeholder_class: bool = True,
                  pseudo_masks_from: str = "teacher", inference: str = "teacher",
-                 backbone_lr_multiplier: float = 0.1, seed: Optional[int] = None, **kwargs):
+                 backbone_lr_multiplier: float = 0.1,
+                 pseudo_mask_threshold: Optional[float] = None, seed: Optional[int] = None,
+                 **kwargs):
         if stage not in (1, 2, 3):
             raise ValueError(f"ThreeStage stage must be 1, 2 or 3, got {stage!r}")
         for name, value in [("pseudo_masks_from", pseudo_masks_from),
@@ -104,6 +110,10 @@ class ThreeStage(SegmentationMethod):
             strong_augment = randaugment.RandAugmentCutout()
         self.strong_augment = strong_augment or None
         self.pseudo_masks_from = pseudo_masks_from
+        if pseudo_mask_threshold is not None and not 0.0 <= pseudo_mask_threshold <= 1.0:
+            raise ValueError(f"ThreeStage pseudo_mask_threshold must be in [0, 1] or None, "
+                             f"got {pseudo_mask_threshold!r}")
+        self.pseudo_mask_threshold = pseudo_mask_threshold
         self.inference = inference
         self.backbone_lr_multiplier = backbone_lr_multiplier
         self.seed = random.randrange(2**31) if seed is None else int(seed)
