@@ -1029,7 +1029,8 @@ class PseudoMaskWriter(keras.callbacks.Callback):
         print(f"kssl: writing {total} pseudo-masks to {self.store.directory}", flush=True)
         self.report = write_pseudo_masks(
             self.store.directory, self.model.pseudo_mask_network, self.reader, self.pools,
-            self.num_classes, resize=self.resize, progress=self.progress)
+            self.num_classes, resize=self.resize, progress=self.progress,
+            confidence_threshold=self.model.pseudo_mask_threshold)
         scores = ", ".join(f"{name[:-len('_mean_iou')]} {100 * value:.1f}%"
                            for name, value in self.report.items() if name.endswith("mean_iou"))
         print(f"kssl: pseudo-mask mean IoU against the ground truth: {scores or 'no labels'}",
