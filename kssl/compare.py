@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from kssl.evaluation import IGNORE_LABEL, resize_logits_to, predict_logits
+from kssl.constants import IGNORE_LABEL
+from kssl.evaluation import resize_logits_to, predict_logits
 
 
 class _Sums:

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL
+from kssl.constants import IGNORE_LABEL
 
 MODES = ("whole", "sliding")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL
+from kssl.constants import IGNORE_LABEL
 
 
 def replica_sum(value: tf.Tensor) -> tf.Tensor:

@@ -8,7 +8,8 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL, check_utf8_name
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import check_utf8_name
 from kssl.data.readers.base import DataError, decode_image
 from kssl.evaluation import predict_logits, progress_bar, resolve_mode
 

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from kssl import run_files
-from kssl.data.examples import IGNORE_LABEL
+from kssl.constants import IGNORE_LABEL
 
 HISTORY_FILE = "pseudo_label_monitor.json"
 _EPSILON = 1e-6  # keeps KL finite where a class has no share

@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-IGNORE_LABEL = 255
-"""The label of pixels that no loss or metric counts, everywhere inside kssl."""
+from kssl.constants import IGNORE_LABEL  # noqa: F401  (also read from here)
 
 
 @dataclasses.dataclass(frozen=True)

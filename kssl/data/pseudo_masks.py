@@ -26,11 +26,12 @@ import tensorflow as tf
 
 from kssl import evaluation
 from kssl.data import transforms
-from kssl.data.examples import IGNORE_LABEL, Examples
+from kssl.constants import IGNORE_LABEL, PSEUDO_MASK_KEY
+from kssl.data.examples import Examples
 from kssl.data.readers.base import DataError, Reader
 
 INDEX = "index.json"
-KEY = "pseudo_mask"  # the example key the pipeline attaches a stored mask under
+KEY = PSEUDO_MASK_KEY  # the example key the pipeline attaches a stored mask under
 
 
 class PseudoMaskStore:

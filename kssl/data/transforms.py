@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL
+from kssl.constants import IGNORE_LABEL
 
 _NOT_LABEL_KEYS = ("id", "image")
 

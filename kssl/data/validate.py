@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kssl.data.examples import IGNORE_LABEL, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import Examples
 from kssl.data.readers import base
 from kssl.data.readers.base import UNKNOWN_COLOUR, DataError, Reader
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kssl import losses
-from kssl.data.examples import IGNORE_LABEL
+from kssl.constants import IGNORE_LABEL
 from kssl.evaluation import ConfusionMatrix
 
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from kssl import losses
 from kssl.augment import randaugment, seeds
-from kssl.data.pseudo_masks import KEY as PSEUDO_MASK
+from kssl.constants import PSEUDO_MASK_KEY as PSEUDO_MASK
 from kssl.methods import ema
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.models import branches

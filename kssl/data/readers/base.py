@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL, DatasetInfo, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import DatasetInfo, Examples
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 """File name endings `decode_image` reads (compared case-insensitively)."""

@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from kssl.data.examples import IGNORE_LABEL, DatasetInfo, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import DatasetInfo, Examples
 from kssl.data.readers import base
 from kssl.data.readers.base import DataError, Reader
 

@@ -20,7 +20,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from kssl.data.examples import IGNORE_LABEL, DatasetInfo, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import DatasetInfo, Examples
 from kssl.data.readers import base
 from kssl.data.readers.base import UNKNOWN_COLOUR, DataError, Reader
 from kssl.data.readers.voc import voc_palette

@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from kssl.data.examples import IGNORE_LABEL, DatasetInfo, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import DatasetInfo, Examples
 from kssl.data.readers.base import DataError, Reader
 
 CLASS_NAMES = ("background", "disc", "ring", "square", "triangle", "cross", "stripes")

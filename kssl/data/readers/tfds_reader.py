@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kssl.data.examples import IGNORE_LABEL, DatasetInfo, Examples
+from kssl.constants import IGNORE_LABEL
+from kssl.data.examples import DatasetInfo, Examples
 from kssl.data.readers.base import UNKNOWN_COLOUR, DataError, Reader
 from kssl.data.readers.voc import voc_palette
 
