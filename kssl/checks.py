@@ -181,7 +181,7 @@ def missing_weights_hint(path: str) -> str:
 
 def check_model(values: dict) -> None:
     """`model.*` (see `kssl.training.build_model` and `kssl.models.build_segmenter`)."""
-    from kssl import models
+    from kssl.models import factory as models
     from kssl.models.backbones.resnet import STRIDE_ON, STEM_POOLS, PREPROCESS
     from kssl.models.layers import NORMS
 

@@ -317,7 +317,7 @@ def test_classifier_loads_only_where_it_fits(deeplab_r101):
 def test_resnet101_names_map_onto_the_kssl_backbone():
     table = convert.resnet_table(101)
     assert len(table) == 520 and len({r.torch_name for r in table}) == 520
-    from kssl.models.backbones.resnet import _weighted_leaf_layers
+    from kssl.models.checkpoints.loading import weighted_leaf_layers as _weighted_leaf_layers
 
     backbone = models.build_backbone("resnet101", output_stride=8)
     layers = _weighted_leaf_layers([b.layer for b in backbone.blocks])

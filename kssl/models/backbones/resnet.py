@@ -43,6 +43,8 @@ from typing import Iterable
 import keras
 import tensorflow as tf
 
+from kssl.models.checkpoints import loading
+from kssl.models.checkpoints.loading import first_names, weighted_leaf_layers
 from kssl.models.layers import (CAFFE_BGR_MEAN, CaffePreprocess, channels_shape, check_norm,
                                 make_norm)
 from kssl.models.segmenter import Backbone, Block
@@ -376,9 +378,7 @@ def resnet(depth: int, weights: str | None = None, output_stride: int = 16,
     if source is not None:
         transfer_weights(source, [b.layer for b in backbone.blocks], target_name=name)
     if converted:
-        from kssl.models.checkpoints import convert
-
-        convert.load_backbone_weights(weights, [b.layer for b in backbone.blocks],
+        loading.load_backbone_weights(weights, [b.layer for b in backbone.blocks],
                                       target_name=name)
     return backbone
 
@@ -387,9 +387,7 @@ def _converted_info(weights) -> dict | None:
     """The metadata of a file written by kssl's converter; None for anything else."""
     if weights is None:
         return None
-    from kssl.models.checkpoints import convert  # lazy: convert imports this module
-
-    return convert.read_info(weights)
+    return loading.read_info(weights)
 
 
 def resnet50(**kwargs) -> Backbone:
@@ -441,20 +439,6 @@ def _short_load_error(error: Exception) -> str:
     return f"layer {layer.group(1)!r}" + (f": {shapes.group(0)}" if shapes else "")
 
 
-def _weighted_leaf_layers(layers: Iterable[keras.layers.Layer]) -> dict:
-    """name -> layer for every layer under `layers` that owns weights directly."""
-    found = {}
-    for root in layers:
-        for layer in root._flatten_layers(include_self=True, recursive=True):
-            own = layer._trainable_variables + layer._non_trainable_variables
-            if not own:
-                continue
-            if layer.name in found and found[layer.name] is not layer:
-                raise ValueError(f"two layers are named {layer.name!r}: cannot match by name")
-            found[layer.name] = layer
-    return found
-
-
 def transfer_weights(source: keras.Model, target_layers: Iterable[keras.layers.Layer],
                      target_name: str = "target") -> None:
     """Copies every weighted layer of `source` into the same-named layer under `target_layers`.
@@ -462,8 +446,8 @@ def transfer_weights(source: keras.Model, target_layers: Iterable[keras.layers.L
     Fails, naming the layer, if a source layer has no same-named target, if shapes differ,
     or if a target layer receives nothing (so no layer silently keeps its random init).
     """
-    targets = _weighted_leaf_layers(target_layers)
-    sources = _weighted_leaf_layers([source])
+    targets = weighted_leaf_layers(target_layers)
+    sources = weighted_leaf_layers([source])
     for name, src in sources.items():
         dst = targets.get(name)
         if dst is None:
@@ -480,7 +464,7 @@ def transfer_weights(source: keras.Model, target_layers: Iterable[keras.layers.L
     missing = sorted(set(targets) - set(sources))
     if missing:
         raise ValueError(f"layers of {target_name} missing from {source.name}: "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                         f"{first_names(missing)}")
     for name, src in sources.items():
         for s, d in zip(src.weights, targets[name].weights):
             d.assign(s)

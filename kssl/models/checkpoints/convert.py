@@ -64,10 +64,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-INFO_ATTR = "kssl_converted_weights"
-FORMAT_VERSION = 1
-BACKBONE_GROUP = "backbone"
-CLASSIFIER_GROUP = "classifier"
+from kssl.models.backbones.resnet import STAGE_DEPTHS, STAGE_FILTERS
+# The file format is shared with the reading side; read_info and the loaders are re-exported
+# so a converted file is written and read through one module.
+from kssl.models.checkpoints.loading import (BACKBONE_GROUP, CLASSIFIER_GROUP, FORMAT_VERSION,
+                                             INFO_ATTR, load_backbone_weights,
+                                             load_classifier, read_info)
+
 DEEPLABV2_RATES = (6, 12, 18, 24)
 # The PyTorch DeepLab-v2 classifier returns inside its loop after the second branch.
 DEEPLABV2_EFFECTIVE_RATES = (6, 12)
@@ -164,8 +167,6 @@ class Conversion:
 def resnet_table(depth: int) -> list[TensorRow]:
     """The PyTorch -> Keras rows of a ResNet-`depth` trunk (torchvision and DeepLab-v2 use
     the same names and shapes; only where the stride and the pool act differs)."""
-    from kssl.models.backbones.resnet import STAGE_DEPTHS, STAGE_FILTERS
-
     if depth not in STAGE_DEPTHS:
         raise ValueError(f"unknown ResNet depth {depth}; known: {sorted(STAGE_DEPTHS)}")
     rows = [TensorRow("conv1.weight", "conv1_conv", "kernel", (64, 3, 7, 7))]
@@ -505,106 +506,6 @@ def convert_file(source: str, arch: str, output: str, key: str | None = None) ->
     conversion.report.source = os.fspath(source)
     conversion.report.output = os.fspath(output)
     return conversion.report
-
-
-def read_info(path) -> dict | None:
-    """The metadata of a file written by `save_conversion`; None for anything else
-    ("imagenet", a keras.applications file, a missing path)."""
-    if not isinstance(path, (str, os.PathLike)):
-        return None
-    path = os.fspath(path)
-    if not path.endswith(".h5") or not os.path.isfile(path):
-        return None
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get(INFO_ATTR)
-    except OSError:
-        return None
-    if raw is None:
-        return None
-    info = json.loads(raw)
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer kssl (converted-weights format "
-                         f"{info['format_version']}; this kssl reads {FORMAT_VERSION})")
-    return info
-
-
-def load_backbone_weights(path: str, layers, target_name: str = "backbone") -> None:
-    """Assigns a converted file's backbone weights to the same-named layers under `layers`.
-
-    Fails, naming the layer or variable, if the file lacks one of the model's weighted
-    layers, holds a layer the model lacks, or a shape differs: nothing keeps its random
-    initialisation silently.
-    """
-    import h5py
-
-    from kssl.models.backbones.resnet import _weighted_leaf_layers
-
-    targets = _weighted_leaf_layers(layers)
-    with h5py.File(path, "r") as f:
-        group = f[BACKBONE_GROUP]
-        missing = sorted(set(targets) - set(group))
-        if missing:
-            raise ValueError(f"{path} lacks layers of {target_name}: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        extra = sorted(set(group) - set(targets))
-        if extra:
-            raise ValueError(f"{path} holds layers {target_name} lacks: "
-                             f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        values = []
-        for name, layer in targets.items():
-            for variable in layer.weights:
-                key = f"{name}/{variable.name}"
-                if key not in group:
-                    raise ValueError(f"{path} lacks {key} for {target_name}")
-                value = group[key][()]
-                if tuple(value.shape) != tuple(variable.shape):
-                    raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, "
-                                     f"{target_name} needs {tuple(variable.shape)}")
-                values.append((variable, value))
-    for variable, value in values:
-        variable.assign(value)
-
-
-def load_classifier(path: str, head) -> tuple[bool, str | None]:
-    """Loads a converted file's ASPP branches into a `DeepLabV2Head`, matched by rate.
-
-    Returns (True, None) when loaded; (False, reason) when the head does not fit (other
-    num_classes, a rate the file lacks), leaving the head's fresh initialisation; (False,
-    None) when the file has no classifier.
-    """
-    import h5py
-
-    info = read_info(path)
-    if info is None or not info.get("classifier"):
-        return False, None
-    saved = info["classifier"]
-    if not hasattr(head, "rates") or not hasattr(head, "branches"):
-        return False, f"{path} holds a DeepLab-v2 classifier; the model's head is not one"
-    if int(head.num_classes) != int(saved["num_classes"]):
-        return False, (f"{path} holds a {saved['num_classes']}-class classifier, the model "
-                       f"has {head.num_classes} classes")
-    lacking = [r for r in head.rates if r not in saved["rates"]]
-    if lacking:
-        return False, (f"{path} has no classifier branch for rate(s) "
-                       f"{', '.join(map(str, lacking))} (it has {saved['rates']})")
-    with h5py.File(path, "r") as f:
-        group = f[CLASSIFIER_GROUP]
-        by_rate = {int(group[k].attrs["rate"]): group[k] for k in group}
-        values = []
-        for rate, branch in zip(head.rates, head.branches):
-            for variable in branch.weights:
-                value = by_rate[rate][variable.name][()]
-                if tuple(value.shape) != tuple(variable.shape):
-                    raise ValueError(f"{path}: classifier rate {rate} {variable.name} has "
-                                     f"shape {tuple(value.shape)}, the head needs "
-                                     f"{tuple(variable.shape)}")
-                values.append((variable, value))
-    for variable, value in values:
-        variable.assign(value)
-    return True, None
 
 
 __all__ = ["ARCHS", "Conversion", "ConversionError", "ConversionReport", "TensorRow",
