@@ -70,6 +70,26 @@ class SegmentationMethod(keras.Model):
     tracked_losses = ("loss",)
     uses_unlabelled = True  # whether train_step reads an unlabelled batch
 
+    # -- the staged protocol ----------------------------------------------------------
+    # A method of several stages (e.g. `ThreeStage`) is trained by the driver as one run
+    # per stage (`kssl.training.train_stages`): each stage's model is built with
+    # `stage=N`, and at the end of every stage but the last the driver stores the argmax
+    # of `pseudo_mask_network` on every training image, which the next stage reads under
+    # `kssl.constants.PSEUDO_MASK_KEY`. A single-stage method leaves these defaults.
+    stages = 1
+    """How many training runs the method is made of (1: an ordinary method)."""
+
+    pseudo_mask_threshold = None
+    """Staged methods: the confidence below which a stored pseudo-mask pixel becomes the
+    ignore label (None keeps every pixel); see `kssl.data.pseudo_masks`."""
+
+    @classmethod
+    def uses_unlabelled_in(cls, stage: int) -> bool:
+        """Staged methods: whether stage `stage` reads a second sub-batch (drawn from all
+        training images, each with its stored pseudo-mask). Default: `uses_unlabelled`."""
+        del stage
+        return cls.uses_unlabelled
+
     def __init__(self, segmenter: keras.Model, num_classes: int,
                  ignore_label: int = IGNORE_LABEL, tracked_losses=None,
                  class_weights=None, class_prior=None, **kwargs):
@@ -123,6 +143,12 @@ class SegmentationMethod(keras.Model):
     def inference_network(self) -> keras.Model:
         """The network that predicts after training (exported, evaluated)."""
         return self.segmenter
+
+    @property
+    def pseudo_mask_network(self) -> keras.Model:
+        """Staged methods: the network whose argmax becomes the next stage's stored
+        pseudo-masks. Default: the inference network."""
+        return self.inference_network
 
     def call(self, images, training=False):
         return self.inference_network(images, training=training)
