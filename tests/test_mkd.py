@@ -7,9 +7,11 @@ import pytest
 import tensorflow as tf
 
 from kssl import config, models, training
-from kssl.augment import randaugment
+from kssl.augment import randaugment, strong
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import MKD, mkd
+from kssl.methods.feature_augmentation import (ClassStatistics, augment_logits,
+                                               feature_augmentation_strength, logit_offsets)
 from kssl.models.heads import DeepLabV2Head
 from tiny import TINY_SHAPES_CONFIG, eager_steps
 
@@ -54,7 +56,7 @@ def batch(size=32, n=4, seed=0):
 def test_class_statistics_equal_a_batch_computation_over_the_same_pixels():
     rng = np.random.default_rng(0)
     classes, channels = 4, 5
-    statistics = mkd.ClassStatistics(classes, channels)
+    statistics = ClassStatistics(classes, channels)
     features, labels = [], []
     for shape in [(2, 3, 4), (1, 5, 2)]:
         f = rng.normal(2.0, 1.5, shape + (channels,)).astype(np.float32)
@@ -86,8 +88,8 @@ def test_augmented_logits_match_a_hand_computation(taps):
     logits = rng.normal(size=(2, 3, 3, classes)).astype(np.float32)
     labels = rng.integers(0, classes, (2, 3, 3)).astype(np.int32)
     labels[0, 0, 0] = labels[1, 2, 1] = IGNORE_LABEL
-    offsets = mkd.logit_offsets(weights, variances, strength).numpy()
-    got = mkd.augment_logits(logits, labels, offsets, IGNORE_LABEL).numpy()
+    offsets = logit_offsets(weights, variances, strength).numpy()
+    got = augment_logits(logits, labels, offsets, IGNORE_LABEL).numpy()
     expected = logits.copy()
     for index in np.ndindex(labels.shape):
         y = labels[index]
@@ -106,9 +108,9 @@ def test_lambda_ramps_by_a_cosine_from_the_first_step():
     for step in [0, 9, 49, 99, 150]:
         t = min(step + 1, 100)
         np.testing.assert_allclose(
-            mkd.feature_augmentation_strength(step, 1.5, 100).numpy(),
+            feature_augmentation_strength(step, 1.5, 100).numpy(),
             1.5 * (1 - np.cos(np.pi * t / 100)) / 2, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(mkd.feature_augmentation_strength(9, 1.5, 100, "linear"),
+    np.testing.assert_allclose(feature_augmentation_strength(9, 1.5, 100, "linear"),
                                0.15, rtol=1e-6)
 
 
@@ -135,16 +137,16 @@ def test_the_heads_expose_their_classifier():
 
 # -- the strong view -----------------------------------------------------------------------
 def test_the_strong_view_applies_one_op_per_image():
-    augment = mkd.OneOfPhotometric()
+    augment = strong.OneOfPhotometric()
     seed = tf.constant([3, 4], tf.int64)
     choice = augment.choose(seed, 4000).numpy()
     np.testing.assert_allclose(np.bincount(choice, minlength=5) / 4000,
-                               np.array(mkd.CODE_STRONG_OP_WEIGHTS) / 1.5, atol=0.03)
+                               np.array(strong.MKD_CODE_OP_WEIGHTS) / 1.5, atol=0.03)
     images = np.random.default_rng(3).uniform(0, 255, (16, 12, 12, 3)).astype(np.float32)
     out = augment(tf.constant(images), seed).numpy()
     choice = augment.choose(seed, 16).numpy()
     for i, op in enumerate(choice):
-        name = mkd.STRONG_OPS[op]
+        name = strong.PHOTOMETRIC_OPS[op]
         if name == "solarize":
             np.testing.assert_allclose(out[i], randaugment.solarize(images[i:i + 1], 128)[0])
         elif name == "equalize":
@@ -233,7 +235,7 @@ def test_a_distinctive_teacher_changes_only_the_other_students_loss():
 
 def test_a_batch_with_non_finite_features_leaves_the_statistics_unchanged():
     rng = np.random.default_rng(4)
-    statistics = mkd.ClassStatistics(3, 2)
+    statistics = ClassStatistics(3, 2)
     features = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
     labels = rng.integers(0, 3, (1, 4, 4)).astype(np.int32)
     before = [w.numpy() for w in statistics.weights]
@@ -256,7 +258,7 @@ def test_offset_gradient_matches_the_derivative_of_the_table():
     w = tf.constant(weights, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(w)
-        table = mkd.logit_offsets(w, tf.constant(variances, tf.float32), strength)
+        table = logit_offsets(w, tf.constant(variances, tf.float32), strength)
         loss = tf.reduce_sum(table * cotangent)
     got = tape.gradient(loss, w).numpy()
     # d D[y, c] / d W[t, a, c] = lambda (W_c - W_y) var_y,a, and the negative for W_y.

@@ -1,7 +1,9 @@
-"""Strong photometric augmentation of (mixed) images: colour jitter and Gaussian blur.
+"""Strong photometric augmentation of (mixed) images: colour jitter, Gaussian blur and
+the other photometric ops of the released codes' strong views.
 
-Two strong views live here: `StrongAugment` (the ClassMix code's, described below) and
-`ColorJitterGrayscaleBlur` (the UniMatch / FixMatch code's, described in its docstring).
+Three strong views live here: `StrongAugment` (the ClassMix code's, described below),
+`ColorJitterGrayscaleBlur` (the UniMatch / FixMatch code's) and `OneOfPhotometric` (the
+MKD code's), the last two described in their docstrings.
 
 Images are float RGB in [0, 255], the kssl convention; targets are never touched. The ops
 follow the ClassMix code's strong transform (kornia of 2020): colour jitter with an additive
@@ -18,7 +20,9 @@ stateless and keyed by step and global example index (`kssl.augment.seeds`).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from kssl.augment import randaugment, seeds
@@ -26,6 +30,14 @@ from kssl.augment import randaugment, seeds
 # Random streams of one step (see seeds.step_seed); distinct from the callers' streams
 # because the caller passes in a seed already folded with its own stream.
 _JITTER_COIN, _JITTER_FACTORS, _JITTER_ORDER, _BLUR_COIN, _BLUR_SIGMA = range(5)
+# OneOfPhotometric's streams, folded into the seed it is called with.
+_ONE_OF_CHOICE, _ONE_OF_JITTER_FACTORS, _ONE_OF_JITTER_ORDER, _ONE_OF_BLUR = range(4)
+
+# OneOfPhotometric's ops, in the order its weights are given.
+PHOTOMETRIC_OPS = ("jitter", "blur", "equalize", "solarize", "grayscale")
+# The MKD code's albumentations SomeOf(n=1) over the five ops with these p values: one op
+# per image, chosen with probability proportional to them.
+MKD_CODE_OP_WEIGHTS = (0.3, 0.5, 0.1, 0.1, 0.5)
 
 
 def _clip01(x):
@@ -247,4 +259,98 @@ class ColorJitterGrayscaleBlur:
         radius = max(1, int(math.ceil(3.0 * high)))
         blurred = gaussian_blur_per_image(x, sigma, radius)
         x = tf.where(_per_image(u[:, 10] < self.blur_probability), blurred, x)
+        return tf.cast(x, dtype)
+
+
+class OneOfPhotometric:
+    """The MKD code's strong view: one photometric op per image, drawn from
+    `PHOTOMETRIC_OPS`.
+
+    The ops (float RGB in [0, 255]; targets are never touched):
+      jitter: brightness (x * f), contrast (blend with the mean grey) and saturation (blend
+        with the grey image), each f ~ U(1 - s, 1 + s) per image, and a hue rotation
+        ~ U(-hue, hue) of the colour circle, the four in a random order per batch
+        (albumentations' ColorJitter(0.5, 0.5, 0.5, 0.25) shuffles per image);
+      blur: Gaussian, kernel side drawn from `blur_kernel_sizes` and sigma from
+        `blur_sigma_range`, once per batch (albumentations draws per image);
+      equalize: per-channel histogram equalisation (PIL's table; the code uses OpenCV's);
+      solarize: pixels >= `solarize_threshold` inverted;
+      grayscale: ITU-R 601 luma on all three channels.
+    Args:
+      weights: relative chances of the five ops. Default: the MKD code's p values
+        (SomeOf picks in proportion to them: 20, 33, 7, 7, 33 %); (1, 1, 1, 1, 1) is the
+        MKD paper's "randomly select an operator".
+    Called as `augment(images, seed)` with a stateless seed pair; draws are keyed by global
+    example index (`kssl.augment.seeds`), so they do not depend on the replica count.
+    """
+
+    def __init__(self, weights: Sequence[float] = MKD_CODE_OP_WEIGHTS,
+                 brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25,
+                 blur_kernel_sizes: Sequence[int] = (3, 5, 7),
+                 blur_sigma_range=(0.1, 2.0), solarize_threshold=128.0):
+        weights = np.asarray(weights, np.float64)
+        if (weights.shape != (len(PHOTOMETRIC_OPS),) or (weights < 0).any()
+                or weights.sum() <= 0):
+            raise ValueError(f"strong op weights must be {len(PHOTOMETRIC_OPS)} non-negative "
+                             f"numbers (for {', '.join(PHOTOMETRIC_OPS)}), got "
+                             f"{list(weights)}")
+        if any(k < 1 or k % 2 == 0 for k in blur_kernel_sizes):
+            raise ValueError(f"blur kernel sizes must be odd, got {list(blur_kernel_sizes)}")
+        self.probabilities = weights / weights.sum()
+        self.jitter_strength = (brightness, contrast, saturation, hue)
+        self.blur_kernel_sizes = tuple(int(k) for k in blur_kernel_sizes)
+        self.blur_sigma_range = tuple(blur_sigma_range)
+        self.solarize_threshold = float(solarize_threshold)
+
+    def choose(self, seed, batch) -> tf.Tensor:
+        """int32 [batch]: the index into `PHOTOMETRIC_OPS` of each image's op."""
+        draws = seeds.per_example_uniform(
+            tf.random.experimental.stateless_fold_in(seed, _ONE_OF_CHOICE), batch)
+        bounds = tf.constant(np.cumsum(self.probabilities)[:-1], tf.float32)
+        return tf.reduce_sum(tf.cast(draws[:, None] >= bounds[None, :], tf.int32), axis=1)
+
+    def _jitter(self, images, seed):
+        fold = tf.random.experimental.stateless_fold_in
+        b, c, s, h = self.jitter_strength
+        u = seeds.per_example_uniform(fold(seed, _ONE_OF_JITTER_FACTORS),
+                                      tf.shape(images)[0], (4,), -1.0, 1.0)
+        ops = [lambda x: randaugment.brightness(x, 1.0 + b * u[:, 0]),
+               lambda x: randaugment.contrast(x, 1.0 + c * u[:, 1]),
+               lambda x: randaugment.color(x, 1.0 + s * u[:, 2]),
+               lambda x: 255.0 * _adjust_hue(_clip01(x / 255.0), h * u[:, 3, None, None])]
+        order = tf.argsort(seeds.batch_uniform(fold(seed, _ONE_OF_JITTER_ORDER), (4,)))
+        for position in range(4):
+            images = tf.switch_case(order[position],
+                                    [lambda op=op, x=images: op(x) for op in ops])
+            images = tf.ensure_shape(images, [None, None, None, 3])
+        return images
+
+    def _blur(self, images, seed):
+        draws = seeds.batch_uniform(
+            tf.random.experimental.stateless_fold_in(seed, _ONE_OF_BLUR), (2,))
+        sizes = tf.constant(self.blur_kernel_sizes, tf.int32)
+        count = len(self.blur_kernel_sizes)
+        size = sizes[tf.minimum(tf.cast(draws[0] * count, tf.int32), count - 1)]
+        low, high = self.blur_sigma_range
+        return gaussian_blur(images, low + (high - low) * draws[1], size, size)
+
+    def __call__(self, images, seed):
+        dtype = images.dtype
+        x = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
+        choice = self.choose(seed, tf.shape(x)[0])
+        ops = {"jitter": lambda y: self._jitter(y, seed),
+               "blur": lambda y: self._blur(y, seed),
+               "equalize": randaugment.equalize,
+               "solarize": lambda y: randaugment.solarize(y, self.solarize_threshold),
+               "grayscale": lambda y: randaugment.color(y, tf.zeros(tf.shape(y)[:1]))}
+        for index, name in enumerate(PHOTOMETRIC_OPS):
+            if self.probabilities[index] == 0:
+                continue
+            selected = tf.equal(choice, index)
+            # Each image runs its own op once; an op no image drew is skipped.
+            x = tf.cond(tf.reduce_any(selected),
+                        lambda op=ops[name], x=x, selected=selected:
+                        tf.where(selected[:, None, None, None], op(x), x),
+                        lambda x=x: x)
+            x = tf.ensure_shape(x, images.shape)
         return tf.cast(x, dtype)
