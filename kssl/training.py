@@ -47,7 +47,8 @@ from kssl.data.readers.tfds_reader import Tfds
 from kssl.data.readers.voc import VOC
 from kssl.augment.randaugment import RandAugmentCutout
 from kssl.augment.strong import ColorJitterGrayscaleBlur, StrongAugment
-from kssl.methods import ClassMix, FixMatch, GuidedMix, MKD, Supervised, ThreeStage, UniMatch
+from kssl.methods import (ClassMix, FixMatch, GuidedMix, GuidedMixReleased, MKD, Supervised,
+                          ThreeStage, UniMatch)
 from kssl.methods.base import SegmentationMethod
 
 # Readers and methods are referenced from gin files as @camvid(), @Supervised, ...
@@ -59,6 +60,7 @@ gin.external_configurable(ClassMix, module="kssl.methods")
 gin.external_configurable(ThreeStage, module="kssl.methods")
 gin.external_configurable(MKD, module="kssl.methods")
 gin.external_configurable(GuidedMix, module="kssl.methods")
+gin.external_configurable(GuidedMixReleased, module="kssl.methods")
 gin.external_configurable(UniMatch, module="kssl.methods")
 gin.external_configurable(FixMatch, module="kssl.methods")
 # `ClassMix.strong_augment = @StrongAugment()` with `StrongAugment.per_image = True`, ...

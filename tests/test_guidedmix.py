@@ -9,7 +9,7 @@ import tensorflow as tf
 from kssl import models
 from kssl.augment import mixing, seeds
 from kssl.data.examples import IGNORE_LABEL
-from kssl.methods import GuidedMix
+from kssl.methods import GuidedMix, GuidedMixReleased
 from kssl.methods.guidedmix import (nearest_partners, present_classes, random_other_partners,
                                     random_partners)
 from kssl.methods.schedules import sigmoid_rampup
@@ -272,7 +272,7 @@ def test_released_loss_terms_match_numpy():
     keras.utils.set_random_seed(0)
     net = models.build_segmenter("deeplabv3", "small", num_classes=NUM_CLASSES,
                                  aspp_channels=4, dropout=0.0, output_stride=16)
-    model = GuidedMix(net, NUM_CLASSES, variant="released", seed=5, focal_weight=10.0)
+    model = GuidedMixReleased(net, NUM_CLASSES, seed=5, focal_weight=10.0)
     labelled, images_u = batch(n_l=2, n_u=3, size=(32, 32))
     step = 2
     terms = {k: float(v) for k, v in model.released_losses(labelled, images_u, step).items()}
@@ -312,7 +312,7 @@ def test_released_variant_needs_a_deeplabv3_head():
     net = models.build_segmenter("psp_unet", "small", num_classes=3, psp_channels=8,
                                  low_level_channels=4, decoder_channels=8)
     with pytest.raises(ValueError, match="model.arch = 'deeplabv3'"):
-        GuidedMix(net, 3, variant="released")
+        GuidedMixReleased(net, 3)
     with pytest.raises(ValueError, match="decoupling"):
         GuidedMix(net, 3, decoupling="sideways")
 

@@ -118,7 +118,7 @@ def test_guidedmix_paper_target_is_the_argmax_of_the_decoupled_mask():
 
     segmenter = models.build_segmenter(arch="psp_unet", backbone="small", num_classes=3,
                                        psp_channels=8)
-    model = GuidedMix(segmenter, 3, variant="paper", pairs="random", seed=0)
+    model = GuidedMix(segmenter, 3, pairs="random", seed=0)
     images = tf.random.stateless_uniform((2, 16, 16, 3), (3, 4), 0, 255)
     partners = tf.random.stateless_uniform((2, 16, 16, 3), (5, 6), 0, 255)
     labels, admitted = model.pseudo_label_targets(images, partners)["decoupled"]

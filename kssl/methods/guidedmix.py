@@ -1,8 +1,9 @@
 """GuidedMix-Net (Tu, Huang et al., AAAI 2022): labelled images guide the unlabelled ones.
 
-Two recipes, because the authors' released code does not implement the paper:
+Two recipes, a class each, because the authors' released code does not implement the
+paper; they share the lambdas, the pairing helpers and the step (`GuidedMixBase`).
 
-variant="paper" (the default; Sec. 3.1-3.4, Eq. 2-12), per step:
+`GuidedMix`, the paper's recipe (Sec. 3.1-3.4, Eq. 2-12), per step:
   1. The network predicts M_l on the labelled batch (cross-entropy against the masks) and
      M_u on the unlabelled batch. With similar pairs, an image-level classifier on the
      pooled encoder features learns the classes present in each labelled mask (L_cla).
@@ -24,7 +25,7 @@ variant="paper" (the default; Sec. 3.1-3.4, Eq. 2-12), per step:
   The network is the paper's (`model.arch = 'psp_unet'`: PSP, MITrans, PixelShuffle
   U-Net decoder); any segmenter with named blocks works.
 
-variant="released" (the authors' mmsegmentation code), per step:
+`GuidedMixReleased`, the authors' released (mmsegmentation) code, per step:
   one backbone pass over [x_l; x_u]; the DeepLabV3 head's concatenated ASPP branch
   features are mixed, f_mix = lambda f_l + (1 - lambda) f_u[pi] (pi a random permutation,
   one lambda per batch, uniform on (0, cap)); a second head decodes f_mix; the decoupled
@@ -53,12 +54,12 @@ from kssl.methods.schedules import sigmoid_rampup
 from kssl.models.heads import MITrans
 from kssl.models.layers import resize_bilinear, spatial_size
 
-VARIANTS = ("paper", "released")
 PAIRS = ("similar", "random")
 DECOUPLINGS = ("soft", "hard", "normalised")
 DETACH = ("decoupled", "direct", "none")
 REPRESENTATIONS = ("probabilities", "logits")
 PAIR_FEATURES = ("spatial", "pooled")
+LAMBDA_PER = ("pair", "batch")
 
 # Random streams of one step (see kssl.augment.seeds.step_seed).
 _PAIR_STREAM, _LAMBDA_STREAM, _LABELLED_PAIR_STREAM, _LABELLED_LAMBDA_STREAM = 1, 2, 3, 4
@@ -115,21 +116,90 @@ def present_classes(masks: tf.Tensor, num_classes: int, ignore_label: int) -> tf
     return tf.reduce_max(hot, axis=1)[:, :num_classes]
 
 
-# -- the method -----------------------------------------------------------------------------
-class GuidedMix(SegmentationMethod):
-    """GuidedMix-Net semi-supervised training of `segmenter` (see the module docstring).
+def check_choices(method: str, choices) -> None:
+    """Raises a ValueError for the first (name, value, allowed) whose value is not allowed."""
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"{method} {name} must be one of {allowed}, got {value!r}")
+
+
+# -- the methods ----------------------------------------------------------------------------
+class GuidedMixBase(SegmentationMethod):
+    """What both GuidedMix-Net recipes share: the lambdas, the seed and the step.
+
+    A recipe computes its loss terms in `loss_terms(labelled, unlabelled_images, step)`,
+    a dict with at least "loss"; the step takes one optimizer step on it and reports
+    every term.
 
     Args:
-      segmenter: the network; a `kssl.models.Segmenter` (named blocks). The paper recipe
-        runs with any head (the paper's is `psp_unet`); the released one needs a
-        `deeplabv3` head.
+      segmenter: the network; a `kssl.models.Segmenter` (named blocks).
       num_classes: number of classes.
-      variant: "paper" or "released".
       lambda_cap: lambda is drawn below this (0.5 VOC, 0.3 Cityscapes in the paper).
       lambda_alpha: the Beta distribution's alpha (1).
-      lambda_per: "pair" (paper: one lambda per mixed pair) or "batch" (the released code).
-        Default: "pair" for the paper recipe, "batch" for the released one.
-    Paper recipe:
+      lambda_per: "pair" (one lambda per mixed pair) or "batch" (one for the batch);
+        None: the recipe's `default_lambda_per`.
+      seed: seeds pairing and lambdas (drawn statelessly per step); default from Python's
+        `random` (seeded by `train.seed`).
+      **kwargs: for `SegmentationMethod`; a recipe passes the names of its terms as
+        `tracked_losses`.
+    """
+
+    default_lambda_per = "pair"
+
+    def __init__(self, segmenter, num_classes, lambda_cap: float = 0.5,
+                 lambda_alpha: float = 1.0, lambda_per: Optional[str] = None,
+                 seed: Optional[int] = None, **kwargs):
+        method = type(self).__name__
+        lambda_per = lambda_per or self.default_lambda_per
+        check_choices(method, [("lambda_per", lambda_per, LAMBDA_PER)])
+        if not 0.0 < lambda_cap <= 1.0:
+            raise ValueError(f"{method} lambda_cap must be in (0, 1], got {lambda_cap!r}")
+        if not hasattr(segmenter, "block_names"):
+            raise TypeError(f"{method} needs a kssl Segmenter (named blocks), got "
+                            f"{type(segmenter).__name__}")
+        super().__init__(segmenter, num_classes, **kwargs)
+        self.lambda_cap = lambda_cap
+        self.lambda_alpha = lambda_alpha
+        self.lambda_per = lambda_per
+        self.seed = random.randrange(2**31) if seed is None else int(seed)
+        self.build_networks()
+
+    def loss_terms(self, labelled, unlabelled_images, step) -> dict:
+        """Every loss term of the recipe for one (labelled, unlabelled) batch."""
+        raise NotImplementedError
+
+    def train_step(self, data):
+        labelled, unlabelled = unpack_batch(data)
+        if unlabelled is None:
+            raise ValueError("GuidedMix-Net needs (labelled, unlabelled) training elements")
+        # The 0-based index of this step keys its randomness and the ramp-up.
+        step = tf.identity(self.optimizer.iterations)
+        with tf.GradientTape() as tape:
+            terms = self.loss_terms(labelled, unlabelled["image"], step)
+        self.apply_gradients(tape, terms["loss"], self.optimized_variables())
+        return self.report(**terms)
+
+    def _lambdas(self, step, stream, batch_size):
+        """One lambda per example [b] (lambda_per="pair") or one for all, broadcast."""
+        seed = seeds.step_seed(self.seed, step, stream)
+        if self.lambda_per == "pair":
+            return mixing.interpolation_lambdas(seed, batch_size, self.lambda_alpha,
+                                                self.lambda_cap)
+        one = mixing.interpolation_lambdas(seed, None, self.lambda_alpha, self.lambda_cap)
+        return tf.fill([batch_size], one)
+
+    def _mean_lambda(self, lambdas):
+        """This replica's share of the global mean lambda."""
+        return losses.global_mean(tf.reduce_sum(lambdas), tf.size(lambdas))
+
+
+class GuidedMix(GuidedMixBase):
+    """GuidedMix-Net's paper recipe (LUPI in image space, decoupled masks; see the module
+    docstring) for `segmenter`, any `kssl.models.Segmenter` (the paper's is `psp_unet`).
+
+    Args:
+      segmenter, num_classes, lambda_cap, lambda_alpha, seed: see `GuidedMixBase`.
+      lambda_per: "pair" (the paper, default: one lambda per mixed pair) or "batch".
       pairs: "similar" (nearest labelled image by encoder features, with the image-level
         classifier; the paper's VOC setting) or "random" (its Cityscapes setting).
       pair_features: "spatial" (Eq. 3: distance between whole encoder feature maps) or
@@ -145,55 +215,26 @@ class GuidedMix(SegmentationMethod):
         (0: no ramp).
       decoupling_weight: weight of L_dec (1; 0 drops the labelled-labelled mixing pass).
       classifier_weight: weight of L_cla (1; used with similar pairs).
-    Released recipe:
-      focal_weight (10), focal_gamma (0.5), focal_alpha (0.5): the unsupervised loss.
-      mitrans: apply a MITrans block to the mixed features before the second head (the
-        code defines it but no config enables it: False).
-    seed: seeds pairing and lambdas (drawn statelessly per step); default from Python's
-      `random` (seeded by `train.seed`).
     """
 
-    def __init__(self, segmenter, num_classes, variant: str = "paper",
-                 lambda_cap: float = 0.5, lambda_alpha: float = 1.0,
-                 lambda_per: Optional[str] = None, pairs: str = "similar",
-                 pair_features: str = "spatial", decoupling: str = "soft",
-                 decouple_on: str = "probabilities", detach: str = "decoupled",
-                 unsup_weight: float = 1.0, rampup_steps: int = 0,
-                 decoupling_weight: float = 1.0, classifier_weight: float = 1.0,
-                 focal_weight: float = 10.0, focal_gamma: float = 0.5,
-                 focal_alpha: float = 0.5, mitrans: bool = False,
-                 seed: Optional[int] = None, **kwargs):
-        lambda_per = lambda_per or ("pair" if variant == "paper" else "batch")
-        for name, value, allowed in [("variant", variant, VARIANTS),
-                                     ("lambda_per", lambda_per, ("pair", "batch")),
-                                     ("pairs", pairs, PAIRS),
-                                     ("pair_features", pair_features, PAIR_FEATURES),
-                                     ("decoupling", decoupling, DECOUPLINGS),
-                                     ("decouple_on", decouple_on, REPRESENTATIONS),
-                                     ("detach", detach, DETACH)]:
-            if value not in allowed:
-                raise ValueError(f"GuidedMix {name} must be one of {allowed}, got {value!r}")
-        if not 0.0 < lambda_cap <= 1.0:
-            raise ValueError(f"GuidedMix lambda_cap must be in (0, 1], got {lambda_cap!r}")
-        if not hasattr(segmenter, "block_names"):
-            raise TypeError("GuidedMix needs a kssl Segmenter (named blocks), got "
-                            f"{type(segmenter).__name__}")
-        if variant == "released" and not hasattr(segmenter.head, "branch_features"):
-            raise ValueError("GuidedMix variant='released' mixes the ASPP branch features of "
-                             "a DeepLabV3 head: set model.arch = 'deeplabv3' (the head is "
-                             f"{type(segmenter.head).__name__})")
-        if variant == "paper":
-            names = ["loss", "supervised_loss", "unsupervised_loss", "decoupling_loss",
-                     "unsup_weight", "mean_lambda"]
-            if pairs == "similar":
-                names.insert(5, "classifier_loss")
-        else:
-            names = ["loss", "supervised_loss", "unsupervised_loss", "mean_lambda"]
-        super().__init__(segmenter, num_classes, tracked_losses=names, **kwargs)
-        self.variant = variant
-        self.lambda_cap = lambda_cap
-        self.lambda_alpha = lambda_alpha
-        self.lambda_per = lambda_per
+    def __init__(self, segmenter, num_classes, lambda_cap: float = 0.5,
+                 lambda_alpha: float = 1.0, lambda_per: Optional[str] = None,
+                 pairs: str = "similar", pair_features: str = "spatial",
+                 decoupling: str = "soft", decouple_on: str = "probabilities",
+                 detach: str = "decoupled", unsup_weight: float = 1.0,
+                 rampup_steps: int = 0, decoupling_weight: float = 1.0,
+                 classifier_weight: float = 1.0, seed: Optional[int] = None, **kwargs):
+        check_choices(type(self).__name__,
+                      [("pairs", pairs, PAIRS), ("pair_features", pair_features, PAIR_FEATURES),
+                       ("decoupling", decoupling, DECOUPLINGS),
+                       ("decouple_on", decouple_on, REPRESENTATIONS),
+                       ("detach", detach, DETACH)])
+        names = ["loss", "supervised_loss", "unsupervised_loss", "decoupling_loss",
+                 "unsup_weight", "mean_lambda"]
+        if pairs == "similar":
+            names.insert(5, "classifier_loss")
+        super().__init__(segmenter, num_classes, lambda_cap, lambda_alpha, lambda_per, seed,
+                         tracked_losses=names, **kwargs)
         self.pairs = pairs
         self.pair_features = pair_features
         self.decoupling = decoupling
@@ -203,42 +244,16 @@ class GuidedMix(SegmentationMethod):
         self.rampup_steps = int(rampup_steps)
         self.decoupling_weight = decoupling_weight
         self.classifier_weight = classifier_weight
-        self.focal_weight = focal_weight
-        self.focal_gamma = focal_gamma
-        self.focal_alpha = focal_alpha
-        self.seed = random.randrange(2**31) if seed is None else int(seed)
         self.encoder_block = segmenter.block_names[-1]
         self.image_classifier = None
-        self.mix_head = self.mitrans = None
-        self.build_networks()
-        if variant == "paper" and pairs == "similar":
+        if pairs == "similar":
             # A dense layer on the pooled encoder features (Sec. 3.1).
             self.image_classifier = keras.layers.Dense(num_classes, name="image_classifier")
             self.image_classifier.build((None, segmenter.channels[self.encoder_block]))
-        if variant == "released":
-            # The second head: an independently initialised bottleneck and classifier.
-            decoder = segmenter.head.decoder
-            self.mix_head = type(decoder).from_config({**decoder.get_config(),
-                                                       "name": "mix_head"})
-            self.mix_head.build((None, None, None, segmenter.head.branch_channels))
-            if mitrans:
-                self.mitrans = MITrans(name="mix_mitrans")
-                self.mitrans.build((None, None, None, segmenter.head.branch_channels))
 
-    # -- the step ---------------------------------------------------------------------
-    def train_step(self, data):
-        labelled, unlabelled = unpack_batch(data)
-        if unlabelled is None:
-            raise ValueError("GuidedMix needs (labelled, unlabelled) training elements")
-        # The 0-based index of this step keys its randomness and the ramp-up.
-        step = tf.identity(self.optimizer.iterations)
-        with tf.GradientTape() as tape:
-            if self.variant == "paper":
-                terms = self.paper_losses(labelled, unlabelled["image"], step)
-            else:
-                terms = self.released_losses(labelled, unlabelled["image"], step)
-        self.apply_gradients(tape, terms["loss"], self.optimized_variables())
-        return self.report(**terms)
+    def loss_terms(self, labelled, unlabelled_images, step) -> dict:
+        """The paper recipe's terms (`paper_losses`)."""
+        return self.paper_losses(labelled, unlabelled_images, step)
 
     def paper_losses(self, labelled, unlabelled_images, step) -> dict:
         """Every loss term of the paper's recipe, for one (labelled, unlabelled) batch."""
@@ -300,7 +315,7 @@ class GuidedMix(SegmentationMethod):
         return {"loss": loss, "supervised_loss": supervised, "unsupervised_loss": unsupervised,
                 "decoupling_loss": decoupling, **terms,
                 "unsup_weight": self._replica_share(weight),
-                "mean_lambda": losses.global_mean(tf.reduce_sum(lambdas), tf.size(lambdas))}
+                "mean_lambda": self._mean_lambda(lambdas)}
 
     def decoupling_loss(self, logits_mix, logits_guide, logits_direct, lambdas,
                         counted=None):
@@ -327,13 +342,9 @@ class GuidedMix(SegmentationMethod):
         return (mixed - weight * guide) / (1.0 - weight)
 
     def pseudo_label_targets(self, images, labelled_images=None) -> dict:
-        """Paper recipe: the argmax of the decoupled mask, with each image mixed with its
-        labelled partner by the lambdas of step 0 (fixed, so the curve follows the network
-        alone). Released recipe: the argmax of the direct prediction, its focal target."""
+        """The argmax of the decoupled mask, with each image mixed with its labelled
+        partner by the lambdas of step 0 (fixed, so the curve follows the network alone)."""
         net = self.segmenter
-        if self.variant == "released":
-            logits = net(images, training=False)
-            return {"direct_prediction": (tf.argmax(logits, -1, output_type=tf.int32), None)}
         if labelled_images is None:
             return {}
         images = tf.cast(images, tf.float32)
@@ -342,6 +353,69 @@ class GuidedMix(SegmentationMethod):
         logits_mix = net(mixing.interpolate(lambdas, partners, images), training=False)
         decoupled = self.decoupled(logits_mix, net(partners, training=False), lambdas)
         return {"decoupled": (tf.argmax(decoupled, -1, output_type=tf.int32), None)}
+
+    # -- helpers ----------------------------------------------------------------------
+    def _representation(self, logits):
+        logits = tf.cast(logits, tf.float32)
+        return tf.nn.softmax(logits) if self.decouple_on == "probabilities" else logits
+
+    def _pairing_features(self, encoded):
+        encoded = tf.cast(encoded, tf.float32)
+        if self.pair_features == "pooled":
+            return tf.reduce_mean(encoded, axis=[1, 2])
+        return encoded
+
+    @staticmethod
+    def _replica_share(value):
+        """A global constant as this replica's share, so `report`'s replica sum is it."""
+        _, replicas = seeds.replica_position()
+        return value / float(replicas)
+
+
+class GuidedMixReleased(GuidedMixBase):
+    """GuidedMix-Net as the authors' released code trains it: the ASPP branch features of
+    a DeepLabV3 head mixed, a second head, a sigmoid focal loss (see the module
+    docstring).
+
+    Args:
+      segmenter: a `kssl.models.Segmenter` with a `deeplabv3` head.
+      num_classes, lambda_cap, lambda_alpha, seed: see `GuidedMixBase`.
+      lambda_per: "batch" (the released code, default: one lambda for the batch) or "pair".
+      focal_weight (10), focal_gamma (0.5), focal_alpha (0.5): the unsupervised loss.
+      mitrans: apply a MITrans block to the mixed features before the second head (the
+        code defines it but no config enables it: False).
+    """
+
+    default_lambda_per = "batch"
+
+    def __init__(self, segmenter, num_classes, lambda_cap: float = 0.5,
+                 lambda_alpha: float = 1.0, lambda_per: Optional[str] = None,
+                 focal_weight: float = 10.0, focal_gamma: float = 0.5,
+                 focal_alpha: float = 0.5, mitrans: bool = False,
+                 seed: Optional[int] = None, **kwargs):
+        super().__init__(segmenter, num_classes, lambda_cap, lambda_alpha, lambda_per, seed,
+                         tracked_losses=["loss", "supervised_loss", "unsupervised_loss",
+                                         "mean_lambda"], **kwargs)
+        if not hasattr(segmenter.head, "branch_features"):
+            raise ValueError("GuidedMixReleased mixes the ASPP branch features of a "
+                             "DeepLabV3 head: set model.arch = 'deeplabv3' (the head is "
+                             f"{type(segmenter.head).__name__})")
+        self.focal_weight = focal_weight
+        self.focal_gamma = focal_gamma
+        self.focal_alpha = focal_alpha
+        # The second head: an independently initialised bottleneck and classifier.
+        decoder = segmenter.head.decoder
+        self.mix_head = type(decoder).from_config({**decoder.get_config(),
+                                                   "name": "mix_head"})
+        self.mix_head.build((None, None, None, segmenter.head.branch_channels))
+        self.mitrans = None
+        if mitrans:
+            self.mitrans = MITrans(name="mix_mitrans")
+            self.mitrans.build((None, None, None, segmenter.head.branch_channels))
+
+    def loss_terms(self, labelled, unlabelled_images, step) -> dict:
+        """The released recipe's terms (`released_losses`)."""
+        return self.released_losses(labelled, unlabelled_images, step)
 
     def released_losses(self, labelled, unlabelled_images, step) -> dict:
         """Every loss term of the released code's recipe (see the module docstring)."""
@@ -376,30 +450,10 @@ class GuidedMix(SegmentationMethod):
             decoupled, targets, self.focal_gamma, self.focal_alpha)
         return {"loss": supervised + unsupervised, "supervised_loss": supervised,
                 "unsupervised_loss": unsupervised,
-                "mean_lambda": losses.global_mean(tf.reduce_sum(lambdas), tf.size(lambdas))}
+                "mean_lambda": self._mean_lambda(lambdas)}
 
-    # -- helpers ----------------------------------------------------------------------
-    def _lambdas(self, step, stream, batch_size):
-        """One lambda per example [b] (lambda_per="pair") or one for all, broadcast."""
-        seed = seeds.step_seed(self.seed, step, stream)
-        if self.lambda_per == "pair":
-            return mixing.interpolation_lambdas(seed, batch_size, self.lambda_alpha,
-                                                self.lambda_cap)
-        one = mixing.interpolation_lambdas(seed, None, self.lambda_alpha, self.lambda_cap)
-        return tf.fill([batch_size], one)
-
-    def _representation(self, logits):
-        logits = tf.cast(logits, tf.float32)
-        return tf.nn.softmax(logits) if self.decouple_on == "probabilities" else logits
-
-    def _pairing_features(self, encoded):
-        encoded = tf.cast(encoded, tf.float32)
-        if self.pair_features == "pooled":
-            return tf.reduce_mean(encoded, axis=[1, 2])
-        return encoded
-
-    @staticmethod
-    def _replica_share(value):
-        """A global constant as this replica's share, so `report`'s replica sum is it."""
-        _, replicas = seeds.replica_position()
-        return value / float(replicas)
+    def pseudo_label_targets(self, images, labelled_images=None) -> dict:
+        """The argmax of the direct prediction: the focal loss's target."""
+        del labelled_images
+        logits = self.segmenter(images, training=False)
+        return {"direct_prediction": (tf.argmax(logits, -1, output_type=tf.int32), None)}
