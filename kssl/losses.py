@@ -142,8 +142,8 @@ def confidence_weights(confidence: tf.Tensor, threshold: float,
       float32 [B, H, W], without gradient.
     """
     confidence = tf.stop_gradient(tf.cast(confidence, tf.float32))
-    # Strictly above, as the issue words it ("exceeds"); the released code uses >=, which
-    # differs only on exact ties.
+    # Strictly above, as the ClassMix paper words it ("above a predetermined threshold");
+    # the released code uses >=, which differs only on exact ties.
     confident = tf.cast(confidence > threshold, tf.float32)
     if weighting == "batch":
         share = (replica_sum(tf.reduce_sum(confident))

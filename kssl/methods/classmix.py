@@ -42,8 +42,9 @@ class ClassMix(SegmentationMethod):
         `(images, seed) -> images`.
       ema_decay: the teacher's decay once warmed up (0.99).
       ema_warmup: use min(1 - 1/(step+1), ema_decay), as the released code.
-      teacher_bn: "ema" (the issue: batch-norm moving statistics are averaged with the
-        weights and the teacher predicts in inference mode) or "batch" (the released code:
+      teacher_bn: "ema" (the default, the paper's mean teacher read as an average of the
+        whole network: batch-norm moving statistics are averaged with the weights and the
+        teacher predicts in inference mode) or "batch" (the released code:
         only the weights are averaged and the teacher runs in training mode on the
         unlabelled batch's statistics).
       mix_mask: "class" (ClassMix) or "cut" (the code's CutMix ablation: image i+1

@@ -100,8 +100,9 @@ class EMATeacher:
         max_decay from the start.
       include_statistics: also average the non-trainable float weights, i.e. batch-norm
         moving means and variances (frozen weights are constant, so averaging them is a
-        no-op). The ClassMix issue asks for this, and the teacher then predicts in
-        inference mode with its averaged statistics. False averages trainable weights only,
+        no-op). kssl's ClassMix does this by default (the paper's EMA of the network read
+        as an average of all of it), and the teacher then predicts in inference mode with
+        its averaged statistics. False averages trainable weights only,
         as the released ClassMix and MKD code (whose teachers run in training mode, on the
         statistics of the batch they see, so their own moving statistics are never used).
       schedule: optional `step -> decay` replacing `ema_decay(step, max_decay, warmup)`.
