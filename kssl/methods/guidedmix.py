@@ -164,10 +164,6 @@ class GuidedMixBase(SegmentationMethod):
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         self.build_networks()
 
-    def loss_terms(self, labelled, unlabelled_images, step) -> dict:
-        """Every loss term of the recipe for one (labelled, unlabelled) batch."""
-        raise NotImplementedError
-
     def train_step(self, data):
         labelled, unlabelled = unpack_batch(data)
         if unlabelled is None:
@@ -178,6 +174,10 @@ class GuidedMixBase(SegmentationMethod):
             terms = self.loss_terms(labelled, unlabelled["image"], step)
         self.apply_gradients(tape, terms["loss"], self.optimized_variables())
         return self.report(**terms)
+
+    def loss_terms(self, labelled, unlabelled_images, step) -> dict:
+        """Every loss term of the recipe for one (labelled, unlabelled) batch."""
+        raise NotImplementedError
 
     def _lambdas(self, step, stream, batch_size):
         """One lambda per example [b] (lambda_per="pair") or one for all, broadcast."""
