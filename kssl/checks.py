@@ -3,9 +3,10 @@
 `train` builds its pieces one after the other, so a bad value used to surface only when
 its piece was built: a misspelt evaluation mode after the whole training, a bad model
 option after minutes of data checks, a string where a number belongs as a TypeError
-deep inside Keras. `check_run` reads the gin bindings of every configurable that `train`
-calls (in each stage's scope for a staged method) and raises a one-line ConfigError
-naming the binding, the value and what is expected, before any data is read.
+deep inside Keras. The checks here take the values of one configurable and raise a
+one-line ConfigError naming the binding, the value and what is expected;
+`kssl.configured.check_run` applies them to the gin bindings of every configurable that
+`train` calls (in each stage's scope for a staged method) before any data is read.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-from typing import Optional
 
 import gin
 
-from kssl.config import ConfigError, without_gin_context
-from kssl.data.readers.base import DataError
+from kssl.config import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "constant")
@@ -112,7 +111,7 @@ def check_string(binding, value, optional=False):
 # -- one configurable at a time -------------------------------------------------------------
 def check_train(values: dict) -> None:
     """`train.*` (see `kssl.training.train`)."""
-    from kssl.training import STRATEGIES
+    from kssl.distribution import STRATEGIES
 
     check_integer("train.steps", values["steps"], minimum=1)
     check_integer("train.steps_per_epoch", values["steps_per_epoch"], minimum=1)
@@ -131,7 +130,7 @@ def check_train(values: dict) -> None:
 
 
 def check_pipeline(values: dict) -> None:
-    """`pipeline.*` (see `kssl.training.pipeline_settings`)."""
+    """`pipeline.*` (see `kssl.configured.pipeline_settings`)."""
     check_integer("pipeline.batch_size", values["batch_size"], minimum=1)
     check_integer("pipeline.unlabelled_batch_size", values["unlabelled_batch_size"],
                   minimum=1, optional=True)
@@ -148,7 +147,7 @@ def check_pipeline(values: dict) -> None:
 
 
 def check_labels(values: dict) -> None:
-    """`labels.*` (see `kssl.training.labelled_subset`)."""
+    """`labels.*` (see `kssl.configured.labelled_subset`)."""
     chosen = [f"labels.{name}" for name in ("count", "fraction", "split_file")
               if values[name] is not None]
     if len(chosen) > 1:
@@ -180,7 +179,7 @@ def missing_weights_hint(path: str) -> str:
 
 
 def check_model(values: dict) -> None:
-    """`model.*` (see `kssl.training.build_model` and `kssl.models.build_segmenter`)."""
+    """`model.*` (see `kssl.configured.build_model` and `kssl.models.build_segmenter`)."""
     from kssl.models import factory as models
     from kssl.models.backbones.resnet import STRIDE_ON, STEM_POOLS, PREPROCESS
     from kssl.models.layers import NORMS
@@ -224,8 +223,8 @@ def check_model(values: dict) -> None:
 
 
 def check_optimizer(values: dict) -> None:
-    """`optimizer.*` (see `kssl.training.build_optimizer`)."""
-    from kssl.training import BATCH_SCALING_RULES
+    """`optimizer.*` (see `kssl.optimizers.build_optimizer`)."""
+    from kssl.optimizers import BATCH_SCALING_RULES
 
     check_choice("optimizer.name", values["name"], OPTIMIZERS)
     check_number("optimizer.learning_rate", values["learning_rate"], low=0, low_open=True)
@@ -244,7 +243,7 @@ def check_optimizer(values: dict) -> None:
 
 
 def check_evaluation(values: dict) -> None:
-    """`evaluation.*` (see `kssl.training.evaluation_settings`)."""
+    """`evaluation.*` (see `kssl.configured.evaluation_settings`)."""
     from kssl import evaluation
 
     check_choice("evaluation.mode", values["mode"], evaluation.MODES)
@@ -260,57 +259,9 @@ def check_evaluation(values: dict) -> None:
         raise ConfigError(f"evaluation settings: {error}") from None
 
 
-def check_dataset():
-    """`dataset.*`: builds the reader (its own argument checks) and lists both splits,
-    so an unknown split fails now. Returns the reader."""
-    from kssl import training
-
-    try:
-        reader, train_split, eval_split = training.dataset_setup()
-    except DataError as error:  # e.g. a missing dataset folder, already one line
-        raise DataError(without_gin_context(error)) from None
-    except (ValueError, TypeError) as error:  # a reader's check of its own arguments
-        raise ConfigError(f"dataset.reader: {' '.join(without_gin_context(error).split())}"
-                          ) from None
-    check_string("dataset.train_split", train_split)
-    check_string("dataset.eval_split", eval_split)
-    reader.examples(train_split)  # DataError naming the split and the known ones
-    if eval_split != train_split:
-        reader.examples(eval_split)
-    return reader
-
-
 # -- a whole run ----------------------------------------------------------------------------
-def check_settings() -> None:
-    """Every configurable `train` calls, in the active gin scope."""
-    from kssl import training
-
-    check_train(configured(training.train))
-    check_pipeline(configured(training.pipeline_settings))
-    check_labels(configured(training.labelled_subset))
-    check_model(configured(training.build_model))
-    check_optimizer(configured(training.build_optimizer))
-    check_evaluation(configured(training.evaluation_settings))
-    check_dataset()
-
-
 def check_workdir(workdir: str) -> None:
     """A run directory: a folder, or a path that does not exist yet."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is a file; expected a folder for the run "
                           "(or a path that does not exist yet)")
-
-
-def check_run(workdir: str, stages: Optional[int] = None) -> None:
-    """Checks the run directory and every configured value of a run, in each stage's
-    scope (`stage_N/...`) for a staged method of `stages` stages."""
-    check_workdir(workdir)
-    if not stages or stages == 1:
-        check_settings()
-        return
-    for stage in range(1, stages + 1):
-        with gin.config_scope(f"stage_{stage}"):
-            try:
-                check_settings()
-            except ConfigError as error:
-                raise ConfigError(f"stage {stage}: {error}") from None

@@ -44,7 +44,7 @@ def resolve_include(name: str, including_file: str) -> str:
                       f"a folder above it or in the current directory ({os.getcwd()})")
 
 
-def _parse_file(path: str, including=()) -> None:
+def _parse_file(path: str, including=(), skip_unknown=False) -> None:
     """Parses one config file, each `include` resolved by `resolve_include`.
 
     Gin itself looks for an included file in the current directory only, so the file is
@@ -61,31 +61,40 @@ def _parse_file(path: str, including=()) -> None:
         if any(line.strip() for line in lines[start:end]):
             piece = io.StringIO("\n" * start + "\n".join(lines[start:end]))
             piece.name = path
-            gin.parse_config(piece)
+            gin.parse_config(piece, skip_unknown=skip_unknown)
 
     for number, line in enumerate(lines):
         match = _INCLUDE.match(line)
         if match:
             parse_lines(number)
             start = number + 1
-            _parse_file(resolve_include(match.group(2), path), including + (path,))
+            _parse_file(resolve_include(match.group(2), path), including + (path,),
+                        skip_unknown)
     parse_lines(len(lines))
 
 
-def parse(config_files=(), bindings=()) -> None:
+# The driver's own configurable: a saved run's config.gin binds it, and the tools that
+# rebuild the run's network (evaluate, export, predict, compare) never read it, so they
+# need not import the driver to read the file.
+DRIVER_CONFIGURABLES = ("train",)
+
+
+def parse(config_files=(), bindings=(), skip_unknown=False) -> None:
     """Parses gin files then `--gin_param` bindings (later ones win).
 
-    Every configurable must already be registered (import `kssl.training` first), so a
-    mistyped parameter or an unknown dataset is caught here, before anything is built.
-    Includes are resolved relative to the including file (see `resolve_include`).
+    Every configurable must already be registered (import `kssl.configured`, and
+    `kssl.training` for `train.*`), so a mistyped parameter or an unknown dataset is
+    caught here, before anything is built. Includes are resolved relative to the
+    including file (see `resolve_include`). `skip_unknown`: names of configurables whose
+    bindings are dropped when nothing registered them (gin's `skip_unknown`).
     """
     for path in config_files:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
     try:
         for path in config_files:
-            _parse_file(os.path.abspath(path))
-        gin.parse_config(list(bindings))
+            _parse_file(os.path.abspath(path), skip_unknown=skip_unknown)
+        gin.parse_config(list(bindings), skip_unknown=skip_unknown)
     except Exception as error:  # gin raises ValueError, KeyError, SyntaxError, ...
         raise ConfigError(_one_line(error)) from None
 
@@ -103,9 +112,11 @@ def parse_saved_run(path: str, bindings=(), stage=None) -> None:
     by the plain names. They are replayed in file order together with the unscoped ones:
     gin writes an unscoped block before the scoped blocks of the same name (the stage's
     wins), and lines appended after the operative config (the ResNet layout `train`
-    records) still win over it.
+    records) still win over it. The driver's `train.*` bindings are read only where the
+    driver is imported (see `DRIVER_CONFIGURABLES`).
     """
-    parse([path])
+    skip = list(DRIVER_CONFIGURABLES)
+    parse([path], skip_unknown=skip)
     with open(path) as f:
         text = f.read()
     stages = [int(n) for n in _STAGE_SCOPE.findall(text)]
@@ -117,6 +128,8 @@ def parse_saved_run(path: str, bindings=(), stage=None) -> None:
                     continue
                 if not statement.arg_name:  # a macro: used where it was bound, as parsed
                     continue
+                if gin.config._should_skip(statement.selector, skip):  # not registered
+                    continue
                 if statement.scope == scope or statement.scope.startswith(scope + "/"):
                     inner = statement.scope[len(scope) + 1:]
                 elif statement.scope == "":
@@ -127,7 +140,7 @@ def parse_saved_run(path: str, bindings=(), stage=None) -> None:
                                    statement.value)
         except Exception as error:  # the file parsed above, so this is unexpected
             raise ConfigError(f"{path}: {_one_line(error)}") from None
-    parse([], bindings)
+    parse([], bindings, skip_unknown=skip)
 
 
 _GIN_SUFFIX = "\n  In call to configurable"

@@ -16,12 +16,14 @@ file and metadata from different saves are never taken for one backup.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 from typing import List, Tuple
 
 import h5py
+import numpy as np
 
 from kssl.config import ConfigError
 
@@ -62,6 +64,25 @@ def write_text(path: str, text: str) -> None:
     with open(partial, "w") as f:
         f.write(text)
     _commit(partial, path)
+
+
+def jsonable(value):
+    """Converts numpy scalars and NaN (-> null) so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: str, values: dict) -> None:
+    """Writes strict JSON atomically: a run is finished when its metrics.json exists, so
+    the file must never be seen half-written."""
+    write_text(path, json.dumps(jsonable(values), indent=2))
 
 
 def save_weights(model, path: str) -> None:

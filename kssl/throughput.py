@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from kssl import training
+from kssl.distribution import choose_strategy, distribute_training_data
 
 # Untimed batches at the least, with or without a cache: AUTOTUNE settles its parallelism
 # and the shuffle buffer fills before timing.
@@ -165,63 +166,48 @@ def train_arguments() -> dict:
 def benchmark_config(steps: int = 50, warmup: Optional[int] = None) -> Report:
     """Measures the three rates for the parsed gin config (see the module docstring).
 
-    The stream, model and optimizer are built as `training.train` builds them (the same
-    configurables, seeds, strategy, precision and jit setting); a staged method is
+    The stream, model and optimizer are built by the driver's own set-up
+    (`training.prepare_run`, `training.build_training`: the same configurables, seeds,
+    strategy, precision, jit setting and checks); a staged method is
     measured in its first stage, under the `stage_1/` bindings (later stages need the
     pseudo-masks of a finished stage). Nothing is written.
     `warmup`: untimed batches (and steps) before each timing; default `warmup_batches`.
     """
     method = train_arguments()["method"]
-    if getattr(method, "stages", 1) > 1:
+    if method.stages > 1:
         with gin.config_scope("stage_1"):
             return _benchmark(train_arguments(), steps, warmup, stage=1)
     return _benchmark(train_arguments(), steps, warmup)
 
 
 def _benchmark(args: dict, steps: int, warmup: Optional[int], stage=None) -> Report:
-    # The set-up part of training.train (its own helpers), without run files, resume or
-    # evaluation data.
+    # The driver's own set-up (`training.prepare_run` and `training.build_training`),
+    # without run files, resume or evaluation data.
     method = args["method"]
-    dist = training.choose_strategy(args["strategy"])
+    dist = choose_strategy(args["strategy"])
     keras.utils.set_random_seed(args["seed"])
     if args["mixed_precision"]:
         keras.mixed_precision.set_global_policy(args["mixed_precision"])
-    jit_compile = args["jit_compile"]
-
-    reader, train_split, _ = training.dataset_setup()
-    settings = training.pipeline_settings()
-    needs_pool = method.uses_unlabelled if stage is None else True
-    labelled, unlabelled, unlabelled_reader = training.prepare_data(
-        reader, train_split, needs_pool, settings)
-    pool, method_factory = training.method_pool(method, stage, labelled, unlabelled,
-                                                unlabelled_reader)
-    batch_size = settings["batch_size"]
-    unlabelled_batch = 0 if pool is None else settings["unlabelled_batch_size"] or batch_size
-    train_ds = training.training_stream(reader, labelled, pool, unlabelled_reader, settings,
-                                        settings["seed"], jit_compile=jit_compile)
+    data = training.prepare_run(method, stage)
+    train_ds, model, _ = training.build_training(data, dist, args["steps"],
+                                                 data.settings["seed"],
+                                                 jit_compile=args["jit_compile"])
+    batch_size, unlabelled_batch = data.settings["batch_size"], data.unlabelled_per_step
 
     if warmup is None:
-        pools = [(len(labelled), batch_size)]
-        if pool is not None:
-            pools.append((len(pool), unlabelled_batch))
-        warmup = warmup_batches(settings, pools)
+        pools = [(len(data.labelled), batch_size)]
+        if data.pool is not None:
+            pools.append((len(data.pool), unlabelled_batch))
+        warmup = warmup_batches(data.settings, pools)
     pipeline_rate = time_pipeline(train_ds, steps, warmup)
-
-    num_classes = reader.info.num_classes
-    with dist.scope():
-        model = method_factory(training.build_model(num_classes), num_classes=num_classes)
-        model.compile(optimizer=training.build_optimizer(args["steps"]),
-                      jit_compile=jit_compile)
-    images_per_step = batch_size + unlabelled_batch
     step_rate = time_training_steps(
-        model, training.distribute_training_data(dist, train_ds), steps, warmup,
-        images_per_step)
+        model, distribute_training_data(dist, train_ds), steps, warmup, data.images_per_step)
 
     fixed = next(iter(train_ds))
     fixed_ds = tf.data.Dataset.from_tensors(fixed).repeat()
     fixed_rate = time_training_steps(
-        model, training.distribute_training_data(dist, fixed_ds), steps,
-        FIXED_BATCH_WARMUP_STEPS, images_per_step)
+        model, distribute_training_data(dist, fixed_ds), steps,
+        FIXED_BATCH_WARMUP_STEPS, data.images_per_step)
     name = method.__name__ if stage is None else f"{method.__name__} stage {stage}"
     return Report(name, batch_size, unlabelled_batch, warmup, pipeline_rate, step_rate,
                   fixed_rate)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import optimizers, training
+from kssl import distribution, optimizers
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix, Supervised
 from kssl.models.layers import resize_bilinear
@@ -52,7 +52,7 @@ def one_step(name, start, jit_compile=False):
     element = labelled if name == "Supervised" else (labelled, unlabelled)
     dataset = tf.data.Dataset.from_tensors(element)
     if jit_compile:  # as training.train does: XLA takes no string ids
-        dataset = dataset.map(training._without_ids)
+        dataset = dataset.map(distribution.without_ids)
     model = make_method(name, start)
     # kssl's SGD, as bin/train builds it; compile wraps it for loss scaling if needed.
     model.compile(optimizer=optimizers.SGD(0.1, momentum=0.9), jit_compile=jit_compile)

@@ -31,7 +31,7 @@ import gin
 import numpy as np
 import pytest
 
-from kssl import config, training
+from kssl import config, distribution, training
 from tiny import TINY_SHAPES_CONFIG
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -307,7 +307,7 @@ def test_a_bad_tf_config_is_named_with_the_expected_form(monkeypatch, value, wor
     else:
         monkeypatch.setenv("TF_CONFIG", value)
     with pytest.raises(config.ConfigError) as error:
-        training.read_tf_config()
+        distribution.read_tf_config()
     message = str(error.value)
     assert words in message and "TF_CONFIG" in message
     assert '{"cluster": {"worker": ["host1:12345", "host2:12345"]}' in message
@@ -315,7 +315,7 @@ def test_a_bad_tf_config_is_named_with_the_expected_form(monkeypatch, value, wor
 
 def test_a_good_tf_config_is_read(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(CLUSTER))
-    assert training.read_tf_config() == CLUSTER
+    assert distribution.read_tf_config() == CLUSTER
 
 
 def test_unknown_strategy_names_are_refused():

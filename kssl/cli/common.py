@@ -55,7 +55,7 @@ def load_run(workdir: str, bindings=()):
     can point the reader elsewhere); returns (reader, eval_split). A staged method's run
     directory and each of its `stage_N/` directories read like any run (see
     `kssl.config.parse_saved_run`)."""
-    from kssl import config, training
+    from kssl import config, configured
 
     if os.path.isfile(workdir):
         raise FileNotFoundError(f"--workdir {workdir} is a file; expected a training run's "
@@ -64,7 +64,7 @@ def load_run(workdir: str, bindings=()):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a kssl training directory?")
     config.parse_saved_run(path, bindings, stage=run_stage(workdir))
-    reader, _, eval_split = config.call_configured(training.dataset_setup)
+    reader, _, eval_split = config.call_configured(configured.dataset_setup)
     return reader, eval_split
 
 
@@ -88,14 +88,14 @@ def run_stage(workdir: str):
 
 def load_inference_network(workdir: str, num_classes: int):
     """Builds the configured segmenter and loads the run's trained weights."""
-    from kssl import training
+    from kssl import configured
 
     weights = os.path.join(workdir, "model.weights.h5")
     if not os.path.exists(weights):
         raise FileNotFoundError(
             f"{weights} not found: the run in {workdir} has not finished (run bin/train "
             "again with the same --workdir to resume it)")
-    network = training.build_model(num_classes, weights=None)
+    network = configured.build_model(num_classes, weights=None)
     load_trained_weights(network, weights, os.path.join(workdir, "config.gin"), num_classes)
     return network
 

@@ -20,7 +20,7 @@ def main(argv):
     del argv
     import gin
 
-    from kssl import compare, training
+    from kssl import compare, configured
     from kssl.data import pipeline
 
     networks, class_lists, first = {}, [], None
@@ -29,7 +29,7 @@ def main(argv):
             common.fail(f"--workdir {workdir} is given twice")
         gin.clear_config()  # each run's own config, nothing left from the one before
         reader, eval_split, network = common.load_trained(workdir)
-        networks[workdir] = (network, training.evaluation_settings())
+        networks[workdir] = (network, configured.evaluation_settings())
         class_lists.append(reader.info.class_names)
         first = first or (reader, eval_split)
     try:

@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 @common.guarded
 def main(argv):
     del argv
-    from kssl import config, evaluation, training
+    from kssl import config, configured, evaluation, run_files
     from kssl.data import pipeline, validate
 
     # The bindings come before the reader is built: they may point it at other data.
@@ -29,19 +29,19 @@ def main(argv):
     examples = reader.examples(split)
     # Training's checks of its evaluation split, so that bad labels are not scored and an
     # unreadable file is named rather than crashing the pipeline.
-    if config.call_configured(training.pipeline_settings)["validate_data"]:
+    if config.call_configured(configured.pipeline_settings)["validate_data"]:
         validate.validate(reader, examples, with_masks=True,
                           num_classes=reader.info.num_classes, what="evaluation")
     network = common.load_inference_network(FLAGS.workdir, reader.info.num_classes)
     class_names = list(reader.info.class_names)
     result = evaluation.evaluate(network, pipeline.eval_dataset(reader, examples),
                                  reader.info.num_classes, class_names=class_names,
-                                 **training.evaluation_settings())
+                                 **configured.evaluation_settings())
     result["split"] = split
     print(evaluation.format_iou_table(result, class_names))
     path = os.path.join(FLAGS.workdir, f"eval_{split.replace(os.sep, '_')}.json")
     with open(path, "w") as f:
-        json.dump(training._jsonable(result), f, indent=2)
+        json.dump(run_files.jsonable(result), f, indent=2)
     print(f"kssl: wrote {path}")
 
 

@@ -37,7 +37,7 @@ def parse_size(values):
 @common.guarded
 def main(argv):
     del argv
-    from kssl import export, training
+    from kssl import configured, export
 
     input_size = parse_size(FLAGS.input_size)
     try:  # before any work: nothing is replaced unless --overwrite says so
@@ -48,7 +48,7 @@ def main(argv):
     # A model trained at reduced resolution is served the way it was scored: resized to
     # its evaluation input size, probabilities resized back to the image's size.
     if input_size is None:
-        input_size = training.evaluation_settings()["input_size"]
+        input_size = configured.evaluation_settings()["input_size"]
     # Settings and converters are checked before the network is built and loaded.
     if FLAGS.format == "tflite" and input_size is None:
         common.fail("--format tflite makes a model for one fixed image size: pass "

@@ -17,14 +17,14 @@ FLAGS = flags.FLAGS
 @common.guarded
 def main(argv):
     del argv
-    from kssl import predict, training
+    from kssl import configured, predict
 
     reader, _, network = common.load_trained(FLAGS.workdir)
     try:
         written = predict.predict_folder(network, FLAGS.input, FLAGS.output,
                                          reader.info.palette, write_ids=FLAGS.write_ids,
                                          overwrite=FLAGS.overwrite,
-                                         **training.evaluation_settings())
+                                         **configured.evaluation_settings())
     except (ValueError, FileExistsError) as error:  # no images, name clashes, bad --output
         common.fail(str(error))
     print(f"kssl: wrote {len(written)} mask(s) to {FLAGS.output}")

@@ -16,6 +16,10 @@ import numpy as np
 from kssl.constants import IGNORE_LABEL  # noqa: F401  (also read from here)
 
 
+class DataError(ValueError):
+    """A dataset problem found before training: names the file, the value and what was expected."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset's labels mean.
@@ -108,8 +112,6 @@ def check_utf8_name(path, source: str = "") -> None:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        from kssl.data.readers.base import DataError  # base imports this module
-
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise DataError(f"file name is not valid UTF-8: {shown}"
                         f"{f' (in {source})' if source else ''}; expected UTF-8 names "

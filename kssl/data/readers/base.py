@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from kssl.constants import IGNORE_LABEL
-from kssl.data.examples import DatasetInfo, Examples
+from kssl.data.examples import DataError, DatasetInfo, Examples
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 """File name endings `decode_image` reads (compared case-insensitively)."""
@@ -20,10 +20,6 @@ the palette (colour-coded masks), an RGB pixel whose channels differ in a single
 mask, or a 16-bit value above 255. Validation reports it."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class DataError(ValueError):
-    """A dataset problem found before training: names the file, the value and what was expected."""
 
 
 class Reader:
