@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 _TWO_REPLICAS = []
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_replicas():
     """One MirroredStrategy over the two logical CPUs, shared by every test.
 

@@ -12,7 +12,8 @@ from kssl import config, losses, training
 from kssl.augment.strong import StrongAugment
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix
-from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, tiny_segmenter
+from tiny import (NUM_CLASSES, crash_and_resume, random_batches, run_method_test,
+                  tiny_run_config, tiny_segmenter)
 
 def test_confidence_weight_matches_a_hand_computation():
     confidence = np.array([[[0.99, 0.5], [0.97, 0.2]],     # 2 of 4 pixels above 0.968
@@ -58,94 +59,59 @@ def test_images_and_teacher_probabilities_are_mixed_with_the_same_mask():
         np.testing.assert_array_equal(source[i] == i, np.isin(predicted, kept_classes))
 
 
-def global_batch():
-    rng = np.random.default_rng(0)
-    labelled = {
-        "id": np.array([b"a", b"b", b"c", b"d"]),
-        "image": rng.uniform(0, 255, (4, 20, 20, 3)).astype(np.float32),
-        "mask": rng.integers(0, NUM_CLASSES, (4, 20, 20)).astype(np.int32),
-    }
-    labelled["mask"][2:, :12] = IGNORE_LABEL  # replicas count different pixel numbers
-    unlabelled = {"id": np.array([b"e", b"f", b"g", b"h"]),
-                  "image": rng.uniform(0, 255, (4, 20, 20, 3)).astype(np.float32)}
-    return labelled, unlabelled
-
-
 # Every pseudo-label control on, with fast-moving running state.
 CONTROLS = dict(thresholds="class_adaptive", distribution_alignment=True,
                 class_aware_mixing=True, control_decay=0.5, class_prior=[0.5, 0.3, 0.2])
 
 
-def train_two_steps(strategy, weights, teacher_bn, controls=False):
-    ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
-    with strategy.scope():
-        # Masks and augmentations are drawn statelessly from (seed, step, global example
-        # index), so both runs draw the same ones; a low threshold makes the weight > 0.
-        model = ClassMix(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.4,
-                         strong_augment=StrongAugment(1.0, 1.0), teacher_bn=teacher_bn,
-                         seed=3, **(CONTROLS if controls else {}))
-        model.segmenter.set_weights(weights)
-        model.teacher.set_weights(weights)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-    students = []  # the student after each step
-    record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: students.append(model.segmenter.get_weights()))
-    history = model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, callbacks=[record])
-    return model, history.history, students
-
-
+# The compiled two-replica path of a method's step is checked here: the other methods'
+# tests take eager steps, which run the same replica code.
 @pytest.mark.parametrize("teacher_bn, controls", [("ema", False), ("batch", False),
                                                   ("ema", True)])
-def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas, teacher_bn,
-                                                                    controls):
-    start = tiny_segmenter(0).get_weights()
-    single, logs, students = train_two_steps(tf.distribute.get_strategy(), start, teacher_bn,
-                                             controls)
-    double, double_logs, _ = train_two_steps(two_replicas, start, teacher_bn, controls)
-    if controls:  # the controls' running state: the single-device one, on both replicas
+def test_two_steps_same_student_and_teacher_on_one_and_two_replicas(two_replicas, tmp_path,
+                                                                    teacher_bn, controls):
+    def make_method():
+        # Masks and augmentations are drawn statelessly from (seed, step, global example
+        # index), so both runs draw the same ones; a low threshold makes the weight > 0.
+        return ClassMix(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.4,
+                        strong_augment=StrongAugment(1.0, 1.0), teacher_bn=teacher_bn,
+                        seed=3, **(CONTROLS if controls else {}))
+
+    labelled, unlabelled = random_batches(4, (20, 20), ignored_columns=12)
+    labelled["id"] = np.array([b"a", b"b", b"c", b"d"])  # string ids travel with a batch
+    unlabelled["id"] = np.array([b"e", b"f", b"g", b"h"])
+    students = {1: [], 2: []}  # the student before and after each step, by replica count
+    single, logs, double, _ = run_method_test(
+        make_method, [(labelled, unlabelled)] * 2, two_replicas, tmp_path,
+        optimizer=lambda: keras.optimizers.SGD(0.1, momentum=0.9), compiled=True,
+        on_step=lambda model: students[model.distribute_strategy.num_replicas_in_sync]
+        .append(model.segmenter.get_weights()), rtol=1e-5, atol=1e-6, log_rtol=1e-5)
+    if controls:  # the controls' running state moved (run_method_test compared it)
         for layer in ("class_confidence", "alignment"):
-            for want, variable in zip(getattr(single, layer).weights,
-                                      getattr(double, layer).weights):
-                assert not np.allclose(want.numpy(), 1.0)  # it moved
-                for copy in variable.value.values:
-                    np.testing.assert_allclose(copy.numpy(), want.numpy(), rtol=1e-5)
-    assert double.distribute_strategy.num_replicas_in_sync == 2
+            for variable in getattr(single, layer).weights:
+                assert not np.allclose(variable.numpy(), 1.0)
     # (the adaptive thresholds lower the bar of the less confident classes: all may pass)
-    assert 0 < logs["confident_share"][0] <= (1 if controls else 0.999)
-    assert logs["unsupervised_loss"][0] > 0
-    np.testing.assert_allclose(double_logs["loss"], logs["loss"], rtol=1e-5)
-    for network in ("segmenter", "teacher"):  # BN moving statistics included
-        for a, b in zip(getattr(single, network).get_weights(),
-                        getattr(double, network).get_weights()):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # The teacher is identical on both replicas, and it moved away from the student
-    # (step 1 averages with decay 0.5).
-    for variable in double.teacher.weights:
-        first, second = (v.numpy() for v in variable.value.values)
-        np.testing.assert_array_equal(first, second)
+    assert 0 < np.mean(logs["confident_share"]) <= (1 if controls else 0.999)
+    assert np.mean(logs["unsupervised_loss"]) > 0
     assert any(not np.allclose(s, t) for s, t in
                zip(single.segmenter.get_weights(), single.teacher.get_weights()))
     # After step 0 (decay 0) the teacher is the student; after step 1 (decay 0.5) the mean
     # of the two students, moving statistics included when they are averaged.
-    for variable, teacher, first, second in zip(single.segmenter.weights,
-                                                single.teacher.get_weights(), *students):
+    _, first, second = students[1]
+    for variable, teacher, a, b in zip(single.segmenter.weights,
+                                       single.teacher.get_weights(), first, second):
         if variable.trainable or teacher_bn == "ema":
-            np.testing.assert_allclose(teacher, 0.5 * first + 0.5 * second, rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(teacher, 0.5 * a + 0.5 * b, rtol=1e-5, atol=1e-6)
     # The optimizer keeps momentum for the student only.
     momenta = [v for v in single.optimizer.variables if "momentum" in v.path]
     assert len(momenta) == len(single.segmenter.trainable_variables)
 
 
-TINY_CONFIG = TINY_SHAPES_CONFIG + """
-shapes.num_val = 2
-train.method = @ClassMix
+TINY_CONFIG = tiny_run_config("ClassMix") + """
 ClassMix.strong_augment = True
 ClassMix.thresholds = 'class_adaptive'
 ClassMix.distribution_alignment = True
 ClassMix.class_aware_mixing = True
-train.steps = 2
-train.steps_per_epoch = 1
 """
 
 
@@ -155,43 +121,17 @@ def saved_state(model):
             + model.class_confidence.get_weights() + model.alignment.get_weights()]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monkeypatch):
     """Two steps through kssl.training.train, killed after the first: the resumed run
     restores the teacher, the controls' running state (class confidence, class
     distribution) and the step counter from the backup."""
-    path = tmp_path / "classmix.gin"
-    path.write_text(TINY_CONFIG)
-    workdir = str(tmp_path / "run")
-    gin.clear_config()
-    config.parse([str(path)])
-    teachers = []
-
-    def crash_in_second_epoch(self, epoch, logs=None):
-        teachers.append(saved_state(self.model))
-        if epoch == 1:
-            raise Crash()
-
-    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
-    try:
-        with pytest.raises(Crash):
-            training.train(workdir)
-        assert not os.path.exists(os.path.join(workdir, "metrics.json"))
-        saved = teachers[-1]  # the teacher after step 0, as backed up
-
-        teachers.clear()
-        monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
-                            lambda self, epoch, logs=None: teachers.append(
-                                saved_state(self.model)))
-        metrics = training.train(workdir)
-    finally:
-        gin.clear_config()
-    assert len(teachers) == 1  # only the second epoch ran
+    config.parse([], [TINY_CONFIG])
+    crashed, resumed, metrics = crash_and_resume(
+        str(tmp_path / "run"), monkeypatch, lambda meter, epoch: saved_state(meter.model))
+    saved = crashed[-1]  # the teacher after step 0, as backed up
+    assert len(resumed) == 1  # only the second epoch ran
     assert not np.allclose(saved[-3], 1.0)  # the class confidence moved from its start
-    for got, want in zip(teachers[0], saved):
+    for got, want in zip(resumed[0], saved):
         np.testing.assert_array_equal(got, want)
     assert metrics["steps"] == 2 and metrics["method"] == "ClassMix"
     assert 0.0 <= metrics["mean_iou"] <= 1.0
