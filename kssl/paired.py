@@ -32,7 +32,7 @@ SUPERVISED = "Supervised"
 # Bindings a supervised run never reads, or that do not change what it learns.
 _IGNORED_PARAMETERS = {
     "train": {"method", "seed", "verbose", "overwrite", "eval_every_epochs", "start_stage"},
-    "pipeline": {"unlabelled_batch_size", "seed"},
+    "pipeline": {"unlabelled_batch_size", "unlabelled_views", "unlabelled_padding", "seed"},
     "labels": {"unlabelled_file"},
 }
 _IGNORED_CONFIGURABLES = {"unlabelled"}

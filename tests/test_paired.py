@@ -78,6 +78,8 @@ def test_methods_on_the_same_data_share_one_twin():
     supervised = key_of(["configs/supervised_camvid_lite0.gin"])
     assert key_of(["configs/classmix_camvid_lite0.gin"]) == supervised
     assert key_of(["configs/mkd_camvid_lite0.gin"]) == supervised
+    # UniMatch's two views per unlabelled image change only the unlabelled stream.
+    assert key_of(["configs/unimatch_camvid_lite0.gin"]) == supervised
     # GuidedMix's paper recipe trains its own network (psp_unet): another twin.
     assert key_of(["configs/guidedmix_camvid_lite0.gin"]) != supervised
     assert key_of(["configs/supervised_camvid_lite0.gin"], ["train.seed = 5"]) == supervised
