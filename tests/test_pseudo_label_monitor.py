@@ -130,3 +130,22 @@ def test_guidedmix_paper_target_is_the_argmax_of_the_decoupled_mask():
     p_guide = softmax(segmenter(partners, training=False).numpy().astype(np.float64))
     expected = model.decoupled(tf.math.log(p_mix), tf.math.log(p_guide), lambdas)
     np.testing.assert_array_equal(labels.numpy(), np.argmax(expected.numpy(), -1))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.4])
+def test_mkd_hands_over_each_teachers_argmax_and_its_threshold(threshold):
+    from kssl import models
+
+    segmenter = models.build_segmenter(arch="deeplabv3plus", backbone="small", num_classes=3,
+                                       aspp_channels=8, decoder_channels=8)
+    model = MKD(segmenter, 3, lambda_steps=1, seed=0, confidence_threshold=threshold)
+    images = tf.random.stateless_uniform((2, 32, 32, 3), (8, 9), 0, 255)
+    targets = model.pseudo_label_targets(images)
+    assert sorted(targets) == ["teacher_1", "teacher_2"]
+    for name, (labels, admitted) in targets.items():
+        probs = softmax(model.network(name)(images, training=False).numpy().astype(np.float64))
+        np.testing.assert_array_equal(labels.numpy(), probs.argmax(-1))
+        if threshold is None:
+            assert admitted is None
+        else:
+            np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) >= threshold)
