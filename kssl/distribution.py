@@ -99,7 +99,7 @@ def choose_strategy(name: str) -> tf.distribute.Strategy:
             raise kssl_config.ConfigError(
                 f"train.strategy = 'multi_worker' must be set up before TensorFlow runs any "
                 f"operation in the process ({error}): call "
-                f"kssl.training.choose_strategy('multi_worker') at the start of the script")
+                f"kssl.distribution.choose_strategy('multi_worker') at the start of the script")
         _fix_keras_multi_worker_logs()
         _PROCESS_STRATEGIES[name] = strategy
         return strategy
