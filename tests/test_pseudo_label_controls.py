@@ -109,3 +109,31 @@ def test_bad_settings_are_refused():
         controls.ClassConfidence(3, decay=1.0)
     with pytest.raises(ValueError, match="prior"):
         controls.DistributionAlignment([0.0, 0.0])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6])
+def test_guidedmix_class_target_is_the_decoupled_argmax_by_cross_entropy(threshold):
+    """GuidedMix's target='argmax': CE of the direct logits against the argmax of the
+    decoupled mask, over the pixels whose normalised decoupled confidence passes the
+    threshold and whose row counts."""
+    from kssl import models
+    from kssl.methods import GuidedMix
+
+    segmenter = models.build_segmenter(arch="psp_unet", backbone="small", num_classes=3,
+                                       psp_channels=8)
+    model = GuidedMix(segmenter, 3, pairs="random", target="argmax",
+                      target_threshold=threshold, seed=0)
+    rng = np.random.default_rng(0)
+    direct = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    decoupled = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    counted = np.array([1.0, 0.0], np.float32)
+    got = model.class_target_loss(tf.constant(direct), tf.constant(decoupled),
+                                  tf.constant(counted)).numpy()
+    positive = np.maximum(decoupled, 0)
+    confidence = positive.max(-1) / np.maximum(positive.sum(-1), 1e-12)
+    keep = (confidence >= threshold) & (counted[:, None, None] > 0)
+    labels = decoupled.argmax(-1)
+    log_probs = direct - np.log(np.exp(direct).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, ce[keep].mean(), rtol=1e-5)
+    assert keep.sum() < keep.size

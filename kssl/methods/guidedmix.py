@@ -58,6 +58,7 @@ PAIRS = ("similar", "random")
 DECOUPLINGS = ("soft", "hard", "normalised")
 DETACH = ("decoupled", "direct", "none")
 REPRESENTATIONS = ("probabilities", "logits")
+TARGETS = ("soft", "argmax")
 PAIR_FEATURES = ("spatial", "pooled")
 LAMBDA_PER = ("pair", "batch")
 
@@ -215,6 +216,14 @@ class GuidedMix(GuidedMixBase):
         (0: no ramp).
       decoupling_weight: weight of L_dec (1; 0 drops the labelled-labelled mixing pass).
       classifier_weight: weight of L_cla (1; used with similar pairs).
+      target: what L_usup and L_dec compare the direct prediction with. "soft" (the
+        paper): the decoupled mask itself, by squared error; with a pretrained encoder
+        this acts mostly as a confidence penalty that carries little class information.
+        "argmax" (a pseudo-label control, not in the paper): the decoupled mask's argmax
+        as a hard class target, learnt by cross-entropy of the direct logits (always
+        detached, whatever `detach`), kept where the decoupled mask's normalised
+        confidence (its clipped-at-0 values over their sum) reaches `target_threshold`.
+      target_threshold: see `target` (0: every pixel).
     """
 
     def __init__(self, segmenter, num_classes, lambda_cap: float = 0.5,
@@ -223,12 +232,13 @@ class GuidedMix(GuidedMixBase):
                  decoupling: str = "soft", decouple_on: str = "probabilities",
                  detach: str = "decoupled", unsup_weight: float = 1.0,
                  rampup_steps: int = 0, decoupling_weight: float = 1.0,
-                 classifier_weight: float = 1.0, seed: Optional[int] = None, **kwargs):
+                 classifier_weight: float = 1.0, target: str = "soft",
+                 target_threshold: float = 0.0, seed: Optional[int] = None, **kwargs):
         check_choices(type(self).__name__,
                       [("pairs", pairs, PAIRS), ("pair_features", pair_features, PAIR_FEATURES),
                        ("decoupling", decoupling, DECOUPLINGS),
                        ("decouple_on", decouple_on, REPRESENTATIONS),
-                       ("detach", detach, DETACH)])
+                       ("detach", detach, DETACH), ("target", target, TARGETS)])
         names = ["loss", "supervised_loss", "unsupervised_loss", "decoupling_loss",
                  "unsup_weight", "mean_lambda"]
         if pairs == "similar":
@@ -244,6 +254,8 @@ class GuidedMix(GuidedMixBase):
         self.rampup_steps = int(rampup_steps)
         self.decoupling_weight = decoupling_weight
         self.classifier_weight = classifier_weight
+        self.target = target
+        self.target_threshold = float(target_threshold)
         self.encoder_block = segmenter.block_names[-1]
         self.image_classifier = None
         if pairs == "similar":
@@ -323,12 +335,30 @@ class GuidedMix(GuidedMixBase):
         prediction (Eq. 10 and 12), per `decoupling`, `decouple_on` and `detach`;
         `counted` [B] optionally leaves rows out (see `losses.squared_error`)."""
         decoupled = self.decoupled(logits_mix, logits_guide, lambdas)
+        if self.target == "argmax":
+            return self.class_target_loss(logits_direct, decoupled, counted)
         direct = self._representation(logits_direct)
         if self.detach == "decoupled":
             decoupled = tf.stop_gradient(decoupled)
         elif self.detach == "direct":
             direct = tf.stop_gradient(direct)
         return losses.squared_error(direct, decoupled, counted)
+
+    def class_target_loss(self, logits_direct, decoupled, counted=None):
+        """Cross-entropy of the direct logits against the decoupled mask's argmax, where
+        its normalised confidence reaches `target_threshold` (rows with counted = 0 and
+        pixels below the threshold are ignored); the mean is over the kept pixels of the
+        global batch."""
+        decoupled = tf.stop_gradient(tf.cast(decoupled, tf.float32))
+        labels = tf.argmax(decoupled, -1, output_type=tf.int32)
+        positive = tf.nn.relu(decoupled)
+        confidence = tf.reduce_max(positive, -1) / tf.maximum(
+            tf.reduce_sum(positive, -1), 1e-12)
+        keep = confidence >= self.target_threshold
+        if counted is not None:
+            keep &= tf.cast(counted, tf.bool)[:, None, None]
+        labels = tf.where(keep, labels, self.ignore_label)
+        return losses.masked_cross_entropy(logits_direct, labels, self.ignore_label)
 
     def decoupled(self, logits_mix, logits_guide, lambdas):
         """The decoupled mask M_mix - lambda M_guide (per `decoupling` and `decouple_on`):
