@@ -15,6 +15,7 @@ from kssl.data.readers.camvid import CamVid
 from kssl.data.readers.cityscapes import Cityscapes, label_id_to_train_id
 from kssl.data.readers.folder import Folder
 from kssl.data.readers.voc import VOC, voc_palette
+from tiny import decode_all, random_mask, write_image, write_lines, write_mask
 
 H, W = 8, 12
 REAL_CAMVID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -22,22 +23,6 @@ REAL_CAMVID = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
 
 
 # -- writing test files -------------------------------------------------------------------
-def write_image(path, seed, fmt="jpg", size=(H, W)):
-    image = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    encoded = tf.io.encode_jpeg(image) if fmt == "jpg" else tf.io.encode_png(image)
-    tf.io.write_file(path, encoded)
-    return image
-
-
-def write_mask(path, values, seed, size=(H, W)):
-    """A single-channel PNG of values drawn from `values`; returns the array."""
-    mask = np.random.default_rng(seed).choice(np.asarray(values, np.uint8), size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tf.io.write_file(path, tf.io.encode_png(mask[..., None]))
-    return mask
-
-
 def write_png_raw(path, array, colour_type, bit_depth=8, palette=None):
     """A PNG written byte by byte: for the kinds tf.io.encode_png cannot make (indexed
     colour, 1/2/4-bit grey)."""
@@ -64,16 +49,6 @@ def write_png_raw(path, array, colour_type, bit_depth=8, palette=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-
-
-def decode_all(reader, examples, with_masks=True):
-    return list(reader.load(examples, with_masks=with_masks).as_numpy_iterator())
-
-
-def write_lines(path, lines):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 # -- shared decoding ----------------------------------------------------------------------
@@ -121,7 +96,7 @@ def voc_root(tmp_path):
     for k, example_id in enumerate(VOC_IDS):
         write_image(str(root / "JPEGImages" / f"{example_id}.jpg"), k)
         masks[example_id] = write_mask(str(root / "SegmentationClassAug" / f"{example_id}.png"),
-                                       VOC_VALUES, k)
+                                       random_mask(k, VOC_VALUES))
     lists = root / "ImageSets" / "Segmentation"
     write_lines(str(lists / "train.txt"), VOC_IDS[:3])
     write_lines(str(lists / "val.txt"),
@@ -207,7 +182,7 @@ def cityscapes_root(tmp_path):
                     k, fmt="png")
         masks[example_id] = write_mask(
             str(root / "gtFine" / split / city / f"{example_id}_gtFine_labelIds.png"),
-            CITY_LABEL_IDS, k)
+            random_mask(k, CITY_LABEL_IDS))
     return str(root), masks
 
 
@@ -273,7 +248,8 @@ def camvid_root(tmp_path):
     for k, (split, name) in enumerate([("train", "0001TP_006690"), ("train", "0001TP_006720"),
                                        ("train", "Seq05VD_f00000"), ("val", "0016E5_07959")]):
         write_image(str(root / split / f"{name}.jpg"), k)
-        masks[name] = write_mask(str(root / f"{split}annot" / f"{name}.png"), range(12), k)
+        masks[name] = write_mask(str(root / f"{split}annot" / f"{name}.png"),
+                                 random_mask(k, range(12)))
         lines[split].append(f"/SegNet/CamVid/{split}/{name}.jpg "
                             f"/SegNet/CamVid/{split}annot/{name}.png")
     for split, split_lines in lines.items():
@@ -338,7 +314,7 @@ def test_folder_class_id_masks(tmp_path):
     for k, stem in enumerate(["b", "a", "c"]):
         arrays[stem] = write_image(str(images / f"{stem}.png"), k, fmt="png")
         if stem != "c":  # c is unlabelled
-            written[stem] = write_mask(str(masks / f"{stem}.png"), [0, 1, 2, 255], k)
+            written[stem] = write_mask(str(masks / f"{stem}.png"), random_mask(k, [0, 1, 2, 255]))
     reader = Folder(str(images), str(masks), class_names=("bg", "cat", "dog"))
     everything = reader.examples("all")
     assert everything.ids == ("a", "b", "c") and everything.masks[2] is None
@@ -375,7 +351,7 @@ def test_folder_masks_beside_images_list_files_and_value_map(tmp_path):
     expected = {}
     for k in range(4):
         write_image(str(data / f"{k:03d}.jpg"), k)
-        written = write_mask(str(data / f"{k:03d}_mask.png"), [0, 7, 200], k)
+        written = write_mask(str(data / f"{k:03d}_mask.png"), random_mask(k, [0, 7, 200]))
         expected[f"{k:03d}"] = np.select([written == 7, written == 200], [255, 1], 0)
     splits = {"train": str(tmp_path / "train.txt"), "val": str(tmp_path / "val.txt")}
     write_lines(splits["train"], ["000", "data/001.jpg"])  # an id and a path
@@ -401,12 +377,12 @@ def test_folder_masks_beside_images_list_files_and_value_map(tmp_path):
 def test_folder_recursive_and_constructor_errors(tmp_path):
     write_image(str(tmp_path / "im" / "street" / "1.jpg"), 0)
     write_image(str(tmp_path / "im" / "top.jpg"), 1)
-    write_mask(str(tmp_path / "m" / "street" / "1.png"), [0, 1], 0)
+    write_mask(str(tmp_path / "m" / "street" / "1.png"), random_mask(0, [0, 1]))
     reader = Folder(str(tmp_path / "im"), str(tmp_path / "m"), num_classes=2, recursive=True)
     examples = reader.examples("all")
     assert examples.ids == ("street/1", "top") and examples.masks[1] is None
     assert Folder(str(tmp_path / "im")).examples("all").ids == ("top",)
-    write_mask(str(tmp_path / "im" / "labels" / "top.png"), [0, 1], 1)
+    write_mask(str(tmp_path / "im" / "labels" / "top.png"), random_mask(1, [0, 1]))
     nested = Folder(str(tmp_path / "im"), str(tmp_path / "im" / "labels"), num_classes=2,
                     recursive=True).examples("all")
     assert nested.ids == ("street/1", "top") and nested.masks == (
@@ -421,97 +397,6 @@ def test_folder_recursive_and_constructor_errors(tmp_path):
     write_image(str(tmp_path / "im" / "top.png"), 2, fmt="png")
     with pytest.raises(DataError, match=r"two images with id 'top'"):
         Folder(str(tmp_path / "im")).examples("all")
-
-
-# -- tfds -------------------------------------------------------------------------------------
-tfds = pytest.importorskip("tensorflow_datasets")
-TFDS_SIZES = {"train": 5, "test": 2}
-
-
-def tfds_element(split, index):
-    rng = np.random.default_rng(index + (100 if split == "test" else 0))
-    return (rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
-            rng.integers(1, 4, (H, W, 1), dtype=np.uint8))
-
-
-class KsslTinyTrimaps(tfds.core.GeneratorBasedBuilder):
-    """Five train and two test images with Oxford-Pet-style trimaps (1..3)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        # DatasetInfo directly: dataset_info_from_configs looks for metadata files in the
-        # defining package, and a test module is not one.
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
-            "label": tfds.features.ClassLabel(names=["x", "y"]),
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in TFDS_SIZES}
-
-    def _generate_examples(self, split):
-        for index in range(TFDS_SIZES[split]):
-            image, mask = tfds_element(split, index)
-            yield index, {"image": image, "segmentation_mask": mask, "label": index % 2}
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    KsslTinyTrimaps(data_dir=data_dir).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return data_dir
-
-
-def test_tfds_reader_subset_and_value_map(tfds_dir):
-    from kssl.data.readers.tfds_reader import Tfds
-    value_map = {1: 1, 2: 0, 3: 255}
-    reader = Tfds("kssl_tiny_trimaps", data_dir=tfds_dir, class_names=("background", "pet"),
-                  value_map=value_map)
-    assert reader.mask_key == "segmentation_mask" and reader.info.num_classes == 2
-    train = reader.examples("train")
-    assert train.ids == tuple(f"train/{i}" for i in range(5)) and train.images[3] == "3"
-    # tfds stores elements in its own order, so the written element is found by pixels.
-    written = [tfds_element("train", i) for i in range(5)]
-    subset = train.select(["train/1", "train/4"])
-    rows = decode_all(reader, subset)
-    assert [r["id"].decode() for r in rows] == ["train/1", "train/4"]
-    lookup = np.array([0, 1, 0, 255], np.uint8)
-    for row in rows:
-        # tfds orders elements by its own key hash, so the written element is the one
-        # with these (losslessly stored, random) pixels.
-        matches = [m for im, m in written if np.array_equal(im, row["image"])]
-        assert len(matches) == 1
-        np.testing.assert_array_equal(row["mask"], lookup[matches[0][..., 0]])
-    assert len(decode_all(reader, reader.examples("test"), with_masks=False)) == 2
-
-
-def test_tfds_builder_dir_and_offset(tfds_dir):
-    from kssl.data.readers.tfds_reader import Tfds
-    reader = Tfds(builder_dir=os.path.join(tfds_dir, "kssl_tiny_trimaps", "1.0.0"),
-                  num_classes=3, label_offset=-1)
-    masks = [r["mask"] for r in decode_all(reader, reader.examples("test"))]
-    assert set(np.unique(np.concatenate([m.ravel() for m in masks])).tolist()) <= {0, 1, 2}
-    assert reader.info.class_names == ("class_0", "class_1", "class_2")
-    head = reader.examples("train[:2]")
-    assert head.ids == ("train[:2]/0", "train[:2]/1")
-    assert len(decode_all(reader, head.select(["train[:2]/1"]))) == 1
-    with pytest.raises(DataError, match="not a prepared dataset folder"):
-        Tfds(builder_dir=os.path.join(tfds_dir, "nothing_here"))
-
-
-def test_tfds_never_downloads(tmp_path, tfds_dir):
-    from kssl.data.readers.tfds_reader import Tfds
-    with pytest.raises(DataError, match=r"not prepared in .* never downloads"):
-        Tfds("kssl_tiny_trimaps", data_dir=str(tmp_path / "empty"), num_classes=3)
-    with pytest.raises(DataError, match=r"cannot open dataset 'no_such_dataset_kssl'"):
-        Tfds("no_such_dataset_kssl", data_dir=str(tmp_path))
-    with pytest.raises(DataError, match="has no class names"):
-        Tfds("kssl_tiny_trimaps", data_dir=tfds_dir)
-    with pytest.raises(DataError, match=r"no split 'valid'.*\['test', 'train'\]"):
-        Tfds("kssl_tiny_trimaps", data_dir=tfds_dir, num_classes=3).examples("valid")
 
 
 # -- registry ---------------------------------------------------------------------------------

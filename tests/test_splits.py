@@ -8,6 +8,7 @@ from kssl.data.examples import Examples
 from kssl.data.readers.base import DataError
 from kssl.data.readers.cityscapes import Cityscapes
 from kssl.data.splits import labelled_split
+from tiny import write_lines
 
 
 def make_examples(n=20, order=None, source="train.txt"):
@@ -16,12 +17,6 @@ def make_examples(n=20, order=None, source="train.txt"):
         ids = [ids[k] for k in order]
     return Examples(tuple(ids), tuple(f"/d/images/{i}.jpg" for i in ids),
                     tuple(f"/d/masks/{i}.png" for i in ids), source=source)
-
-
-def write_lines(path, lines):
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_count_is_deterministic_order_independent_and_nested():

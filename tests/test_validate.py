@@ -11,23 +11,10 @@ from kssl.data.readers.base import DataError, Reader
 from kssl.data.readers.camvid import CamVid
 from kssl.data.readers.folder import Folder
 from kssl.data.validate import validate
+from tiny import random_mask, write_image, write_mask
 
 H, W = 8, 12
-
-
-def write_image(path, seed, size=(H, W)):
-    image = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tf.io.write_file(path, tf.io.encode_jpeg(image))
-
-
-def write_mask(path, mask):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tf.io.write_file(path, tf.io.encode_png(np.asarray(mask, np.uint8)[..., None]))
-
-
-def random_mask(seed, values=(0, 1, 2, 255), size=(H, W)):
-    return np.random.default_rng(seed).choice(np.asarray(values, np.uint8), size)
+MASK_VALUES = (0, 1, 2, 255)  # three classes and the ignore label
 
 
 @pytest.fixture
@@ -36,7 +23,7 @@ def dataset(tmp_path):
     images, masks = tmp_path / "images", tmp_path / "masks"
     for k in range(5):
         write_image(str(images / f"im{k}.jpg"), k)
-        write_mask(str(masks / f"im{k}.png"), random_mask(k))
+        write_mask(str(masks / f"im{k}.png"), random_mask(k, MASK_VALUES))
     reader = Folder(str(images), str(masks), class_names=("a", "b", "c"))
     return reader, images, masks
 
@@ -45,7 +32,7 @@ def test_clean_data_passes_and_counts_pixels(dataset):
     reader, _, _ = dataset
     examples = reader.examples("all")
     report = validate(reader, examples, with_masks=True, num_classes=3)
-    expected = np.bincount(np.concatenate([random_mask(k).ravel() for k in range(5)]),
+    expected = np.bincount(np.concatenate([random_mask(k, MASK_VALUES).ravel() for k in range(5)]),
                            minlength=256)
     np.testing.assert_array_equal(report.class_pixels, expected[:3])
     assert report.ignored_pixels == expected[255] and report.count == 5
@@ -104,7 +91,7 @@ def test_unreadable_files_are_named(dataset):
 
 def test_size_mismatch_names_both_files(dataset):
     reader, images, masks = dataset
-    write_mask(str(masks / "im3.png"), random_mask(3, size=(H, W + 2)))
+    write_mask(str(masks / "im3.png"), random_mask(3, MASK_VALUES, size=(H, W + 2)))
     with pytest.raises(DataError) as error:
         validate(reader, reader.examples("all"), with_masks=True, num_classes=3)
     message = str(error.value)
@@ -115,7 +102,7 @@ def test_size_mismatch_names_both_files(dataset):
 
 def test_out_of_range_labels(dataset):
     reader, _, masks = dataset
-    bad = random_mask(0)
+    bad = random_mask(0, MASK_VALUES)
     bad[0, :3] = [3, 3, 17]
     write_mask(str(masks / "im0.png"), bad)
     with pytest.raises(DataError) as error:
@@ -129,7 +116,7 @@ def test_out_of_range_labels(dataset):
 def test_out_of_range_after_label_map(tmp_path):
     root = tmp_path / "camvid"
     write_image(str(root / "train" / "a.jpg"), 0)
-    mask = random_mask(0, values=range(12))
+    mask = random_mask(0, range(12))
     mask[0, 0] = 40
     write_mask(str(root / "trainannot" / "a.png"), mask)
     with open(root / "train.txt", "w") as f:

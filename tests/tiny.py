@@ -159,6 +159,11 @@ def write_lines(path, lines):
     return str(path)
 
 
+def decode_all(reader, examples, with_masks=True):
+    """Every example a reader loads, as numpy dictionaries."""
+    return list(reader.load(examples, with_masks=with_masks).as_numpy_iterator())
+
+
 def table_cells(row):
     """The stripped cells of one Markdown table row."""
     return [cell.strip() for cell in row.strip().strip("|").split("|")]
@@ -188,14 +193,15 @@ def random_batches(n=4, size=(16, 16), seed=0, num_classes=NUM_CLASSES, n_unlabe
 
 # -- numpy references -----------------------------------------------------------------------
 def log_softmax(logits):
-    """Log-probabilities of numpy logits [..., C], in float64."""
-    z = np.asarray(logits, np.float64)
+    """Log-probabilities of numpy logits [..., C], in their own float precision (tests at
+    a threshold's edge compare float32 values as the library computes them)."""
+    z = np.asarray(logits)
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def softmax(logits):
-    """Probabilities of numpy logits [..., C], in float64."""
+    """Probabilities of numpy logits [..., C]."""
     return np.exp(log_softmax(logits))
 
 
@@ -207,7 +213,8 @@ def pixel_cross_entropy(logits, labels):
 
 
 def mean_cross_entropy(logits, labels):
-    """Mean CE over the pixels whose label is not ignored."""
+    """Mean CE over the pixels whose label is not ignored, in float64."""
+    logits = np.asarray(logits, np.float64)
     return pixel_cross_entropy(logits, labels)[labels != IGNORE_LABEL].mean()
 
 
