@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, models, training
+from kssl import config, models, optimizers, training
 from kssl.data.readers.base import DataError
 from kssl.methods import Supervised
 
@@ -87,7 +87,7 @@ def test_poly_schedule_and_weight_decay_exclusions():
     ("linear", 4, 0.1 * 4 / 16), ("sqrt", 4, 0.1 * 0.5), ("none", 4, 0.1),
     ("linear", 16, 0.1), ("linear", None, 0.1), ("linear", 32, 0.2)])
 def test_learning_rate_follows_the_global_batch(rule, batch, expected):
-    assert training.scaled_learning_rate(0.1, batch, 16, rule) == pytest.approx(expected)
+    assert optimizers.scaled_learning_rate(0.1, batch, 16, rule) == pytest.approx(expected)
 
 
 def test_optimizer_scales_rate_and_schedule_end_for_a_smaller_batch(capsys):
@@ -99,7 +99,7 @@ def test_optimizer_scales_rate_and_schedule_end_for_a_smaller_batch(capsys):
     np.testing.assert_allclose(float(lr(100)), 0.002, rtol=1e-6)
     assert "learning rate 0.08 scaled to 0.02 for a global batch of 4" in capsys.readouterr().out
     with pytest.raises(ValueError, match="batch_scaling"):
-        training.scaled_learning_rate(0.1, 4, 16, "cubic")
+        optimizers.scaled_learning_rate(0.1, 4, 16, "cubic")
 
 
 def test_mixed_float16_step_scales_the_loss_and_stays_finite():
