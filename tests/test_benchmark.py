@@ -3,21 +3,18 @@
 import re
 
 from kssl.cli import benchmark
+from tiny import table_cells
 
 METRICS = {"labelled_images": 46, "unlabelled_images": 321, "steps": 4000,
            "mean_iou": 0.4123, "train_images_per_second": 33.25,
            "per_class_iou": {"Sky": 0.9, "Road": None}}
 
 
-def cells(row):
-    return [cell.strip() for cell in row.strip().strip("|").split("|")]
-
-
 def test_row_has_the_header_columns_and_the_measured_values():
     row = benchmark.format_row("MKD", METRICS, ["Sky", "Road"], 125.0, "bin/benchmark x",
                                memory="peak memory host 1.50 GiB")
-    header = cells(benchmark.table_header().splitlines()[0])
-    values = cells(row)
+    header = table_cells(benchmark.table_header().splitlines()[0])
+    values = table_cells(row)
     assert len(values) == len(header)
     assert values[:6] == ["MKD (peak memory host 1.50 GiB)", "46/321", "4000", "41.2",
                           "33.2", "2.1"]
@@ -30,7 +27,7 @@ def test_stage_summary_and_memory_share_the_parentheses():
               "2": {"mean_iou": 0.41, "train_seconds": 30.0, "timed_steps": 100}}
     row = benchmark.format_row("ThreeStage", {**METRICS, "stages": stages}, ["Sky"], 60.0,
                                "c", memory="peak memory host 2.00 GiB")
-    label = cells(row)[0]
+    label = table_cells(row)[0]
     assert label.startswith("ThreeStage (val mIoU by stage 39.0 / 41.0")
     assert label.endswith("ms/step 100 / 300 (1.00x / 3.00x); peak memory host 2.00 GiB)")
 

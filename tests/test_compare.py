@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from kssl.compare import check_same_classes, compare_predictions, format_comparison
-from test_evaluation import pixel_model
+from tiny import pixel_model
 
 KERNELS = {"a": [[0.02, -0.01, 0.0, 0.01], [0.0, 0.02, -0.02, 0.0], [-0.01, 0.0, 0.02, 0.01]],
            "b": [[0.01, 0.0, -0.01, 0.02], [0.02, 0.01, 0.0, -0.02], [0.0, -0.01, 0.02, 0.0]],

@@ -11,6 +11,7 @@ from kssl.evaluation import (ConfusionMatrix, class_shares_from_confusion, confu
                              describe_mode, evaluate, format_iou_table, iou_from_confusion,
                              mean_iou_from_confusion, pixel_accuracy_from_confusion,
                              predict_logits)
+from tiny import one_hot_model, pixel_model, random_images, strided_model
 
 # A hand-checked example, 4 classes, class 3 absent from both ground truth and predictions.
 LABELS = np.array([[[0, 0, 1, 255],
@@ -26,34 +27,6 @@ EXPECTED_CM = np.array([[1, 1, 0, 0],
 EXPECTED_IOU = [1 / 4, 2 / 4, 1 / 2, math.nan]
 EXPECTED_MEAN = (1 / 4 + 2 / 4 + 1 / 2) / 3
 EXPECTED_ACCURACY = 4 / 7
-
-
-class ResizeLike(keras.layers.Layer):
-    """Resizes its first input to the spatial size of its second (bilinear)."""
-
-    def call(self, x, reference):
-        return tf.image.resize(x, tf.shape(reference)[1:3], method="bilinear")
-
-
-def pixel_model(kernel):
-    """A 1x1 convolution with a fixed [3, C] kernel: each pixel's logits depend on it alone."""
-    kernel = np.asarray(kernel, np.float32)
-    model = keras.Sequential([keras.Input((None, None, 3)),
-                              keras.layers.Conv2D(kernel.shape[1], 1, use_bias=False)])
-    model.layers[0].set_weights([kernel[None, None]])
-    return model
-
-
-def strided_model(num_classes, seed=0):
-    """A 3x3 stride-2 convolution then a resize back: logits depend on the neighbourhood."""
-    keras.utils.set_random_seed(seed)
-    images = keras.Input((None, None, 3))
-    features = keras.layers.Conv2D(num_classes, 3, strides=2, padding="same")(images / 255.0)
-    return keras.Model(images, ResizeLike()(features, images))
-
-
-def random_images(shape, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, shape).astype(np.float32)
 
 
 # -- confusion matrix and IoU -----------------------------------------------------------
@@ -113,7 +86,7 @@ def test_streaming_updates_equal_one_big_update():
 
 def test_metric_in_compiled_model_and_under_mirrored_strategy(two_replicas):
     rng = np.random.default_rng(2)
-    images = random_images((8, 12, 16, 3), seed=3)
+    images = random_images((8, 12, 16, 3), seed=3, integer=True)
     masks = rng.integers(0, 3, (8, 12, 16)).astype(np.uint8)
     masks[:, :2] = 255
     dataset = tf.data.Dataset.from_tensor_slices((images, masks)).batch(4)
@@ -161,7 +134,7 @@ def test_sliding_window_equals_whole_image_for_a_pixelwise_model():
     # Integer weights on integer pixels: every logit is an exact float, so averaging
     # overlapping windows must reproduce the whole-image logits bit for bit.
     model = pixel_model([[1, 0, 2, -1], [0, 1, 1, 3], [2, -1, 0, 1]])
-    images = random_images((2, 37, 53, 3))        # neither size divisible by the stride
+    images = random_images((2, 37, 53, 3), integer=True)  # neither size divisible by the stride
     whole = predict_logits(model, images)
     sliding = predict_logits(model, images, "sliding", window=(16, 20), stride=(7, 9))
     assert sliding.shape == (2, 37, 53, 4)
@@ -172,7 +145,7 @@ def test_sliding_windows_cover_every_pixel_including_edges():
     identity = pixel_model(np.eye(3))  # logits are the image itself
     for size, window, stride in [((23, 31), (8, 8), (5, 6)), ((17, 17), (16, 16), None),
                                  ((9, 40), (9, 12), (9, 11))]:
-        images = random_images((1, *size, 3), seed=sum(size))
+        images = random_images((1, *size, 3), seed=sum(size), integer=True)
         logits = predict_logits(identity, images, "sliding", window=window, stride=stride)
         # A pixel no window covered would be 0/0 = NaN.
         np.testing.assert_array_equal(logits.numpy(), images)
@@ -180,7 +153,7 @@ def test_sliding_windows_cover_every_pixel_including_edges():
 
 def test_sliding_window_pads_images_smaller_than_the_window():
     model = pixel_model([[1, 2], [0, 1], [3, 0]])
-    images = random_images((1, 10, 12, 3))
+    images = random_images((1, 10, 12, 3), integer=True)
     logits = predict_logits(model, images, "sliding", window=(16, 20))
     assert logits.shape == (1, 10, 12, 2)
     np.testing.assert_array_equal(logits.numpy(), predict_logits(model, images).numpy())
@@ -198,13 +171,13 @@ def test_sliding_window_traces_once_for_all_sizes():
     fn = tf.function(lambda x: predict_logits(model, x, "sliding", window=(12, 12)),
                      input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
     for size in [(20, 30), (7, 9), (12, 12)]:
-        assert fn(random_images((1, *size, 3))).shape == (1, *size, 3)
+        assert fn(random_images((1, *size, 3), integer=True)).shape == (1, *size, 3)
     assert fn.experimental_get_tracing_count() == 1
 
 
 def test_input_size_resizes_the_image_then_the_logits_back():
     model = strided_model(3)
-    images = random_images((2, 30, 50, 3))
+    images = random_images((2, 30, 50, 3), integer=True)
     logits = predict_logits(model, images, input_size=(16, 24))
     assert logits.shape == (2, 30, 50, 3)
     expected = tf.image.resize(model(tf.image.resize(images, (16, 24))), (30, 50))
@@ -212,7 +185,7 @@ def test_input_size_resizes_the_image_then_the_logits_back():
 
 
 def test_flip_averaging():
-    images = random_images((1, 14, 19, 3))
+    images = random_images((1, 14, 19, 3), integer=True)
     equivariant = pixel_model([[1, 0], [0, 1], [1, 1]])
     np.testing.assert_allclose(predict_logits(equivariant, images, flip=True).numpy(),
                                predict_logits(equivariant, images).numpy(), rtol=1e-6)
@@ -226,22 +199,17 @@ def test_flip_averaging():
 def test_bad_arguments_are_named():
     model = pixel_model(np.eye(3))
     with pytest.raises(ValueError, match="mode"):
-        predict_logits(model, random_images((1, 4, 4, 3)), mode="tiles")
+        predict_logits(model, random_images((1, 4, 4, 3), integer=True), mode="tiles")
     with pytest.raises(ValueError, match="window"):
-        predict_logits(model, random_images((1, 4, 4, 3)), mode="sliding")
+        predict_logits(model, random_images((1, 4, 4, 3), integer=True), mode="sliding")
     with pytest.raises(ValueError, match="stride"):
-        predict_logits(model, random_images((1, 4, 4, 3)), "sliding", window=4, stride=5)
+        predict_logits(model, random_images((1, 4, 4, 3), integer=True), "sliding", window=4, stride=5)
 
 
 # -- evaluate and reporting -------------------------------------------------------------
 def colour_coded(predicted):
     """An image whose pixel-model prediction (see one_hot_model) is `predicted`."""
     return (np.eye(3)[predicted] * 255).astype(np.uint8)
-
-
-def one_hot_model():
-    """Predicts class k where channel k is brightest; class 3 is never predicted."""
-    return pixel_model([[1, 0, 0, -9], [0, 1, 0, -9], [0, 0, 1, -9]])
 
 
 def test_evaluate_gives_hand_computed_numbers_on_images_of_two_sizes(capsys):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from kssl import pseudo_label_monitor as monitor
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix, GuidedMix, MKD, Supervised
-from tiny import NUM_CLASSES, tiny_segmenter
+from tiny import NUM_CLASSES, softmax, tiny_segmenter
 
 NAMES = ["a", "b", "c"]
 
@@ -97,11 +97,6 @@ def test_a_method_without_pseudo_labels_turns_the_monitor_off(tmp_path):
     callback.set_model(model)
     callback.on_train_batch_end(0)
     assert not callback.active and callback.history == {}
-
-
-def softmax(logits):
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def test_classmix_hands_over_its_teachers_thresholded_argmax():

@@ -11,20 +11,10 @@ import tensorflow as tf
 from kssl import config, models, optimizers, training
 from kssl.data.readers.base import DataError
 from kssl.methods import Supervised
+from tiny import shapes_reader_config, write_png
 
 
-def write_png(path, array):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tf.io.write_file(path, tf.io.encode_png(array))
-
-
-SHAPES = """
-dataset.reader = @shapes()
-shapes.num_train = 12
-shapes.num_val = 2
-shapes.height = 32
-shapes.width = 32
-"""
+SHAPES = shapes_reader_config(12, 32, 32) + "shapes.num_val = 2\n"
 
 
 def settings():

@@ -170,9 +170,11 @@ def table_cells(row):
 
 
 # -- data -----------------------------------------------------------------------------------
-def random_images(shape, seed=0):
-    """Float32 images of `shape` with uniform values in [0, 255)."""
-    return np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32)
+def random_images(shape, seed=0, integer=False):
+    """Float32 images of `shape` with uniform values in [0, 255); with `integer`, whole
+    numbers, so that sums of integer weights on them are exact floats."""
+    images = np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32)
+    return np.floor(images) if integer else images
 
 
 def random_batches(n=4, size=(16, 16), seed=0, num_classes=NUM_CLASSES, n_unlabelled=None,
