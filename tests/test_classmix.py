@@ -1,14 +1,11 @@
 """ClassMix: the confidence weight, the shared mixing mask, distribution, fit and resume."""
 
-import os
-
-import gin
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, losses, training
+from kssl import config, losses
 from kssl.augment.strong import StrongAugment
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix

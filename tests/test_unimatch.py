@@ -1,15 +1,13 @@
 """UniMatch and FixMatch: CutMix boxes and mixing, loss terms, the feature perturbation,
 the unlabelled pipeline's views and padding, distribution, and a resumed driver run."""
 
-import os
 
-import gin
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, losses, models, training
+from kssl import config, losses, models
 from kssl.augment import features as feature_ops
 from kssl.augment import mixing, seeds
 from kssl.augment.strong import ColorJitterGrayscaleBlur
@@ -18,7 +16,9 @@ from kssl.data.examples import IGNORE_LABEL
 from kssl.data.readers.shapes import Shapes
 from kssl.methods import FixMatch, UniMatch
 from kssl.models.segmenter import Block, Segmenter
-from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, eager_steps, tiny_segmenter
+from tiny import (NUM_CLASSES, crash_and_resume, eager_steps, log_softmax,
+                  pixel_cross_entropy, random_batches, run_method_test, tiny_run_config,
+                  tiny_segmenter)
 
 
 # -- a network whose logits numpy can compute -----------------------------------------------
@@ -46,17 +46,6 @@ def linear_segmenter(seed=0):
     net = Segmenter(keras.layers.Identity(), [Block("stem", keras.layers.Identity(), 1, 3)],
                     LinearHead(kernel, bias))
     return net, kernel, bias
-
-
-def log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def cross_entropy(logits, labels):
-    """Per-pixel CE of numpy logits [..., C] against labels (ignore -> 0 with a safe index)."""
-    safe = np.where(labels == IGNORE_LABEL, 0, labels)
-    return -np.take_along_axis(log_softmax(logits), safe[..., None], -1)[..., 0]
 
 
 # -- CutMix boxes and mixing ---------------------------------------------------------------
@@ -174,7 +163,7 @@ def test_unlabelled_loss_threshold_edge_and_ignore_pixels():
     confidence = np.array([[[tau, below, 0.99], [1.0, tau, 0.2]]], np.float32)
     counted = np.array([[[True, True, True], [False, True, True]]])
     got = model.unlabelled_loss(logits, labels, confidence, counted).numpy()
-    ce = cross_entropy(logits, labels)
+    ce = pixel_cross_entropy(logits, labels)
     # Confident (>=) and counted: pixels (0,0), (0,2), (1,1); the padded (1,0) is neither
     # in the sum nor in the count, which holds the 5 counted pixels, confident or not.
     want = (ce[0, 0, 0] + ce[0, 0, 2] + ce[0, 1, 1]) / 5
@@ -216,10 +205,11 @@ def test_step_losses_match_a_hand_computation(variant):
     logs = eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])[0]
 
     def term(logits, lab, conf, count):
-        return (cross_entropy(logits, lab) * (conf >= np.float32(tau)) * count).sum() / count.sum()
+        kept = (conf >= np.float32(tau)) * count
+        return (pixel_cross_entropy(logits, lab) * kept).sum() / count.sum()
 
     valid = labelled["mask"] != IGNORE_LABEL
-    supervised = cross_entropy(logits_of(labelled["image"]), labelled["mask"])[valid].mean()
+    supervised = pixel_cross_entropy(logits_of(labelled["image"]), labelled["mask"])[valid].mean()
     strong = [term(logits_of(np.where(box[..., None], partner, weak)),
                    np.where(box, partner_labels, labels),
                    np.where(box, partner_confidence, confidence),
@@ -268,7 +258,7 @@ def numpy_ohem(logits, labels, threshold, min_kept):
             kth = mask_prob[mask_prob.argsort()[min(len(mask_prob), min_kept) - 1]]
             cut = kth if kth > threshold else threshold
         valid = valid & (mask_prob <= cut)
-    ce = cross_entropy(logits, labels).reshape(-1)
+    ce = pixel_cross_entropy(logits, labels).reshape(-1)
     return ce[valid].mean(), valid.sum()
 
 
@@ -355,100 +345,53 @@ def test_pipeline_pairs_views_and_marks_padding():
 
 # -- distribution and the driver -------------------------------------------------------------
 def replica_data():
-    rng = np.random.default_rng(7)
-    labelled = {"image": rng.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32),
-                "mask": rng.integers(0, NUM_CLASSES, (4, 16, 16)).astype(np.int32)}
-    labelled["mask"][2:, :8] = IGNORE_LABEL  # replicas count different pixel numbers
-    images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    labelled, unlabelled = random_batches(4, (16, 16), seed=7, n_unlabelled=8)
     padding = np.zeros((8, 16, 16), np.int32)
     padding[4:, 10:] = IGNORE_LABEL
-    return labelled, {"image": images, "padding": padding}
-
-
-def replica_model(options):
-    keras.utils.set_random_seed(0)
-    net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
-                                 norm="sync_batch", aspp_channels=8, low_level_channels=4,
-                                 decoder_channels=8, dropout=0.0)  # Keras's dropout is stateful
-    return UniMatch(net, NUM_CLASSES, confidence_threshold=0.4, cutmix_probability=1.0,
-                    seed=1, **options)
-
-
-def train_two_steps(strategy, start_weights, options):
-    with strategy.scope():
-        model = replica_model(options)
-        model.set_weights(start_weights)
-        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
-    logs = eager_steps(strategy, model, [replica_data()] * 2)
-    return model, {name: [step[name] for step in logs] for name in logs[0]}
+    return labelled, {"image": unlabelled["image"], "padding": padding}
 
 
 @pytest.mark.parametrize("options", [
     {},
     {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
      "ohem_min_kept": 100}], ids=["unimatch", "fixmatch_batch_ohem"])
-def test_two_steps_same_on_one_and_two_replicas(two_replicas, options):
-    start = replica_model(options).get_weights()
-    one, logs = train_two_steps(tf.distribute.get_strategy(), start, options)
-    two, two_logs = train_two_steps(two_replicas, start, options)
-    assert two.distribute_strategy.num_replicas_in_sync == 2
-    moved = max(np.abs(a - b).max() for a, b in zip(start, one.get_weights()))
-    assert moved > 1e-3
-    for a, b in zip(one.get_weights(), two.get_weights()):  # moving statistics included
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-    for name in logs:
-        np.testing.assert_allclose(two_logs[name], logs[name], rtol=1e-4, atol=1e-6)
+def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options):
+    def make_method():
+        keras.utils.set_random_seed(0)
+        net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
+                                     norm="sync_batch", aspp_channels=8, low_level_channels=4,
+                                     decoder_channels=8, dropout=0.0)  # Keras's is stateful
+        return UniMatch(net, NUM_CLASSES, confidence_threshold=0.4, cutmix_probability=1.0,
+                        seed=1, **options)
+
+    _, logs, _, _ = run_method_test(
+        make_method, [replica_data()] * 2, two_replicas, tmp_path,
+        optimizer=lambda: keras.optimizers.SGD(0.05, momentum=0.9))
     assert 0 < logs["confident_share"][0] < 1 and logs["strong_loss"][0] > 0
 
 
-TINY_CONFIG = TINY_SHAPES_CONFIG + """
-shapes.num_val = 2
+TINY_CONFIG = tiny_run_config("UniMatch") + """
 pipeline.scale_range = (0.6, 1.0)
 pipeline.unlabelled_batch_size = 2
 pipeline.unlabelled_views = 2
 pipeline.unlabelled_padding = True
 train.method = @UniMatch
 UniMatch.confidence_threshold = 0.5
-train.steps = 2
-train.steps_per_epoch = 1
 """
-
-
-class Crash(Exception):
-    pass
 
 
 def test_driver_run_crashes_and_resumes(tmp_path, monkeypatch):
     """Two steps through kssl.training.train, killed after the first: the resumed run
     starts from the backed-up network and step counter and finishes the second step."""
-    path = tmp_path / "unimatch.gin"
-    path.write_text(TINY_CONFIG)
-    workdir = str(tmp_path / "run")
-    config.parse([str(path)])
-    seen = []
-
-    def crash_in_second_epoch(self, epoch, logs=None):
-        seen.append((int(self.model.optimizer.iterations.numpy()),
-                     [w.copy() for w in self.model.segmenter.get_weights()]))
-        if epoch == 1:
-            raise Crash()
-
-    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
-    with pytest.raises(Crash):
-        training.train(workdir)
-    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
-    saved_step, saved = seen[-1]
+    config.parse([], [TINY_CONFIG])
+    crashed, resumed, metrics = crash_and_resume(
+        str(tmp_path / "run"), monkeypatch,
+        lambda meter, epoch: (int(meter.model.optimizer.iterations.numpy()),
+                              [w.copy() for w in meter.model.segmenter.get_weights()]))
+    saved_step, saved = crashed[-1]
     assert saved_step == 1
-
-    seen.clear()
-    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
-                        lambda self, epoch, logs=None: seen.append(
-                            (int(self.model.optimizer.iterations.numpy()),
-                             [w.copy() for w in self.model.segmenter.get_weights()])))
-    metrics = training.train(workdir)
-    assert len(seen) == 1 and seen[0][0] == 1  # only the second epoch ran
-    for got, want in zip(seen[0][1], saved):
+    assert len(resumed) == 1 and resumed[0][0] == 1  # only the second epoch ran
+    for got, want in zip(resumed[0][1], saved):
         np.testing.assert_array_equal(got, want)
     assert metrics["steps"] == 2 and metrics["method"] == "UniMatch"
     assert 0.0 <= metrics["mean_iou"] <= 1.0
-    gin.clear_config()
