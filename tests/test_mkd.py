@@ -13,7 +13,7 @@ from kssl.methods import MKD, mkd
 from kssl.methods.feature_augmentation import (ClassStatistics, augment_logits,
                                                feature_augmentation_strength, logit_offsets)
 from kssl.models.heads import DeepLabV2Head
-from tiny import TINY_SHAPES_CONFIG, eager_steps
+from tiny import TINY_SHAPES_CONFIG, mean_cross_entropy, random_batches, run_method_test
 
 NUM_CLASSES = 3
 
@@ -32,24 +32,6 @@ def small_segmenter(seed=0, norm="batch"):
     network = models.Segmenter.from_backbone(backbone, head, name="tiny")
     network(tf.zeros((1, 32, 32, 3)))
     return network
-
-
-def np_cross_entropy(logits, labels):
-    """Mean CE over the pixels whose label is not ignored (numpy)."""
-    logits = logits.astype(np.float64)
-    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    valid = labels != IGNORE_LABEL
-    return -np.take_along_axis(log_probs, np.where(valid, labels, 0)[..., None],
-                               -1)[..., 0][valid].mean()
-
-
-def batch(size=32, n=4, seed=0):
-    rng = np.random.default_rng(seed)
-    labelled = {"image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
-                "mask": rng.integers(0, NUM_CLASSES, (n, size, size)).astype(np.int32)}
-    labelled["mask"][n // 2:, :size // 2] = IGNORE_LABEL  # replicas count different pixels
-    unlabelled = {"image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)}
-    return labelled, unlabelled
 
 
 # -- feature augmentation ------------------------------------------------------------------
@@ -187,7 +169,7 @@ def test_mutual_losses_pair_each_student_with_the_other_branch():
     terms = model.mutual_losses((tf.constant(0.25), tf.constant(0.5)), logits, targets)
 
     def ce(student, labels):
-        return np_cross_entropy(np.concatenate([p.reshape(-1, NUM_CLASSES)
+        return mean_cross_entropy(np.concatenate([p.reshape(-1, NUM_CLASSES)
                                                 for p in logits[student]]),
                                 np.concatenate([p.reshape(-1) for p in labels]))
 
@@ -219,7 +201,7 @@ def test_a_distinctive_teacher_changes_only_the_other_students_loss():
     model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, ema_decay=1.0,
                 ema_warmup=False, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.0))
-    data = batch()
+    data = random_batches(4, (32, 32))
     start = model.get_weights()
     base = step_logs(model, data)
     for teacher, changed, same in [("teacher_2", "student_1_loss", "student_2_loss"),
@@ -293,7 +275,7 @@ def test_offset_gradient_reaches_the_classifier_only_when_asked(offset_gradient)
 def test_step_statistics_leave_out_ignore_pixels_and_are_saved(tmp_path):
     model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
-    labelled, unlabelled = batch()
+    labelled, unlabelled = random_batches(4, (32, 32))
     step_logs(model, (labelled, unlabelled))
     # The loss resolution is 1/8: 4 x 4 per 32 x 32 image; the labelled masks' ignore
     # stripes cover half the rows of two images (nearest resizing keeps them).
@@ -318,39 +300,31 @@ def test_step_statistics_leave_out_ignore_pixels_and_are_saved(tmp_path):
 STEPS = 3
 
 
-def train_steps(strategy, weights):
-    """STEPS eager steps from `weights` (`tiny.eager_steps`): (model, logs of each step
-    with fresh trackers, both students before and after each step)."""
-    with strategy.scope():
-        model = MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0)
-        model.set_weights(weights)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-    students = [[model.segmenter.get_weights(), model.student_2.get_weights()]]
-    logs = []
-    for _ in range(STEPS):
-        for metric in model.metrics:
-            metric.reset_state()
-        logs += eager_steps(strategy, model, [batch()])
-        students.append([model.segmenter.get_weights(), model.student_2.get_weights()])
-    return model, logs, students
+def make_mkd():
+    return MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0)
 
 
 @pytest.fixture(scope="module")
-def start_weights():
+def runs(two_replicas, tmp_path_factory):
+    """STEPS steps of MKD through `run_method_test`: (one-replica method, its logs,
+    two-replica method, its logs, both one-replica students before and after each step)."""
+    students = []
+
+    def record(model):
+        if model.distribute_strategy.num_replicas_in_sync == 1:
+            students.append([model.segmenter.get_weights(), model.student_2.get_weights()])
+
     # Targets are argmaxes: a near-tie could flip between the one- and two-replica runs
     # (summation order differs by ~1e-7) and move one pixel's gradient. These seeds give a
     # batch without such ties, so the runs agree to float precision.
-    return MKD(small_segmenter(seed=0, norm="sync_batch"), NUM_CLASSES, lambda_steps=1,
-               seed=0).get_weights()
+    return run_method_test(make_mkd, [random_batches(4, (32, 32))] * STEPS, two_replicas,
+                           tmp_path_factory.mktemp("mkd"),
+                           optimizer=lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+                           on_step=record, log_atol=0) + (students,)
 
 
-@pytest.fixture(scope="module")
-def one_replica_run(start_weights):
-    return train_steps(tf.distribute.get_strategy(), start_weights)
-
-
-def test_each_teacher_tracks_its_own_student(one_replica_run):
-    model, _, students = one_replica_run
+def test_each_teacher_tracks_its_own_student(runs):
+    model, _, _, _, students = runs
     # Updates at the start of steps 0, 1, 2 with decays 0, 1/2, min(2/3, 0.6): the teacher
     # is 0.3 S(start) + 0.3 S(after step 0) + 0.4 S(after step 1).
     for k, (student, teacher) in enumerate([(model.segmenter, model.teacher_1),
@@ -373,26 +347,12 @@ def test_each_teacher_tracks_its_own_student(one_replica_run):
     assert len(momenta) == len(model.optimized_variables())
 
 
-def test_three_steps_same_on_one_and_two_replicas(two_replicas, start_weights,
-                                                  one_replica_run):
-    one, logs, _ = one_replica_run
-    two, two_logs, _ = train_steps(two_replicas, start_weights)
-    assert two.distribute_strategy.num_replicas_in_sync == 2
-    assert logs[0]["teacher_student_loss"] > 0 and logs[0]["student_student_loss"] > 0
-    for name in logs[0]:
-        np.testing.assert_allclose([step[name] for step in two_logs],
-                                   [step[name] for step in logs], rtol=1e-4, err_msg=name)
+def test_three_steps_same_on_one_and_two_replicas(runs):
+    """run_method_test compared every network and the class statistics (those of the
+    global batch, identical on both replicas) and the logs of each step."""
+    one, logs, _, _, _ = runs
+    assert logs["teacher_student_loss"][0] > 0 and logs["student_student_loss"][0] > 0
     for network in mkd.NETWORKS:
-        for x, y in zip(one.network(network).weights, two.network(network).weights):
-            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{network} {x.path}")
-    # The class statistics are those of the global batch, identical on both replicas.
-    for network in mkd.NETWORKS:
-        for x, y in zip(one.statistics[network].weights, two.statistics[network].weights):
-            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{network} {x.path}")
-            copies = two_replicas.experimental_local_results(y.value)
-            np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
         assert one.statistics[network].count.numpy().sum() > 0
 
 
