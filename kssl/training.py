@@ -317,7 +317,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
 
     data = prepare_run(method, stage, pseudo_masks)
     reader, train_split, eval_split = data.reader, data.train_split, data.eval_split
-    labelled, unlabelled, training_pool = data.labelled, data.unlabelled, data.pool
+    labelled, unlabelled = data.labelled, data.unlabelled
     settings, num_classes = data.settings, data.num_classes
     stage_text = data.stage_text
 

@@ -20,26 +20,9 @@ from kssl.data.readers.base import DataError
 from kssl.data.readers.folder import Folder
 from kssl.data.readers.shapes import Shapes
 from kssl.predict import predict_folder
-from tiny import TINY_SHAPES_CONFIG, tiny_segmenter
+from tiny import REPO, error_lines, run_tool, tiny_run_config, tiny_segmenter, write_png
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-RUN_CONFIG = TINY_SHAPES_CONFIG + """
-shapes.num_val = 2
-train.method = @Supervised
-train.steps = 2
-train.steps_per_epoch = 1
-"""
-
-
-def run_tool(name, *args, cwd=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
-
-
-def error_lines(result):
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+RUN_CONFIG = tiny_run_config()
 
 
 # -- every configured value, before anything is read or written --------------------------
@@ -157,11 +140,6 @@ def test_a_truncated_weight_file_is_named_in_one_line(tmp_path, tool):
 
 
 # -- file names, images and masks -------------------------------------------------------
-def write_png(path, array):
-    with open(path, "wb") as f:
-        f.write(tf.io.encode_png(np.asarray(array, np.uint8)).numpy())
-
-
 def test_a_file_name_that_is_not_utf8_is_named(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -3,31 +3,16 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
-import gin
 import pytest
 import tensorflow as tf
 
-from kssl import config, training
-from tiny import TINY_SHAPES_CONFIG
+from kssl import config
+from tiny import crash_and_resume, error_lines, run_tool, tiny_run_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY_CONFIG = TINY_SHAPES_CONFIG + """
-shapes.num_val = 4
-train.method = @Supervised
-train.steps = 6
-train.steps_per_epoch = 3
+TINY_CONFIG = tiny_run_config(steps=6, steps_per_epoch=3, num_val=4) + """
 evaluation.input_size = (40, 56)
 """
-
-
-def run_tool(name, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture
@@ -97,8 +82,8 @@ def test_mistyped_binding_fails_with_one_line(config_file, tmp_path):
     result = run_tool("train", "--config", config_file, "--gin_param", "train.stepz = 3",
                       "--workdir", str(tmp_path / "w"))
     assert result.returncode == 2
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(error_lines) == 1 and "stepz" in error_lines[0]
+    lines = error_lines(result)
+    assert len(lines) == 1 and "stepz" in lines[0]
     assert "Traceback" not in result.stderr
 
 
@@ -106,38 +91,15 @@ def test_unknown_dataset_fails_with_one_line(config_file, tmp_path):
     result = run_tool("train", "--config", config_file, "--gin_param",
                       "dataset.reader = @no_such_dataset()", "--workdir", str(tmp_path / "w"))
     assert result.returncode == 2
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert len(error_lines) == 1 and "no_such_dataset" in error_lines[0]
+    lines = error_lines(result)
+    assert len(lines) == 1 and "no_such_dataset" in lines[0]
     assert "Traceback" not in result.stderr
-
-
-class Crash(Exception):
-    pass
 
 
 def test_training_resumes_after_a_crash(tmp_path, config_file, monkeypatch):
     """A run killed after its first epoch restarts from that epoch's checkpoint."""
-    workdir = str(tmp_path / "run")
-    gin.clear_config()
     config.parse([config_file], ["train.steps = 9"])
-    epochs_started = []
-    original_begin = training.ThroughputMeter.on_epoch_begin
-
-    def crash_in_second_epoch(self, epoch, logs=None):
-        epochs_started.append(epoch)
-        if epoch == 1:
-            raise Crash()
-        return original_begin(self, epoch, logs)
-
-    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin", crash_in_second_epoch)
-    with pytest.raises(Crash):
-        training.train(workdir)
-    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
-
-    epochs_started.clear()
-    monkeypatch.setattr(training.ThroughputMeter, "on_epoch_begin",
-                        lambda self, epoch, logs=None: epochs_started.append(epoch))
-    metrics = training.train(workdir)
-    assert epochs_started == [1, 2]  # epoch 0 was not trained again
+    crashed, resumed, metrics = crash_and_resume(str(tmp_path / "run"), monkeypatch)
+    assert crashed == [0, 1]
+    assert resumed == [1, 2]  # epoch 0 was not trained again
     assert metrics["steps"] == 9  # the optimizer's step counter was restored too
-    gin.clear_config()

@@ -3,8 +3,6 @@ is checked as training checks it before anything is scored."""
 
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import numpy as np
@@ -12,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from kssl import config, training
+from tiny import run_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 3
 
 RUN_CONFIG = """
@@ -28,12 +26,6 @@ model.backbone = 'small'
 model.aspp_channels = 16
 model.decoder_channels = 16
 """
-
-
-def run_tool(name, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def write_dataset(root, count, seed):

@@ -199,11 +199,11 @@ def test_flip_averaging():
 def test_bad_arguments_are_named():
     model = pixel_model(np.eye(3))
     with pytest.raises(ValueError, match="mode"):
-        predict_logits(model, random_images((1, 4, 4, 3), integer=True), mode="tiles")
+        predict_logits(model, random_images((1, 4, 4, 3)), mode="tiles")
     with pytest.raises(ValueError, match="window"):
-        predict_logits(model, random_images((1, 4, 4, 3), integer=True), mode="sliding")
+        predict_logits(model, random_images((1, 4, 4, 3)), mode="sliding")
     with pytest.raises(ValueError, match="stride"):
-        predict_logits(model, random_images((1, 4, 4, 3), integer=True), "sliding", window=4, stride=5)
+        predict_logits(model, random_images((1, 4, 4, 3)), "sliding", window=4, stride=5)
 
 
 # -- evaluate and reporting -------------------------------------------------------------

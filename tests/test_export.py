@@ -3,7 +3,6 @@ predict_folder."""
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import keras
@@ -11,42 +10,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, export, training
+from kssl import export
 from kssl.export import export_saved_model, load_saved_model
 from kssl.predict import colorize, predict_folder
-from tiny import NUM_CLASSES, TINY_SHAPES_CONFIG, tiny_segmenter
+from tiny import (NUM_CLASSES, error_lines, one_hot_model, run_tool, softmax, strided_model,
+                  tiny_segmenter, write_png, write_untrained_run)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None
                 for name in ("tf2onnx", "onnxruntime"))
 NO_ONNX = "tf2onnx and onnxruntime are not installed (pip install kssl[onnx])"
 
 PALETTE = np.array([[0, 0, 0], [200, 30, 40], [20, 180, 60], [10, 20, 250]], np.uint8)
-
-
-class ResizeLike(keras.layers.Layer):
-    """Resizes its first input to the spatial size of its second (bilinear)."""
-
-    def call(self, x, reference):
-        return tf.image.resize(x, tf.shape(reference)[1:3], method="bilinear")
-
-
-def strided_model(num_classes=3, seed=0):
-    keras.utils.set_random_seed(seed)
-    images = keras.Input((None, None, 3))
-    features = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(
-        images / 127.5 - 1.0)
-    logits = keras.layers.Conv2D(num_classes, 1)(features)
-    return keras.Model(images, ResizeLike()(logits, images))
-
-
-def one_hot_model():
-    """Predicts class k where channel k is brightest (class 3 never)."""
-    model = keras.Sequential([keras.Input((None, None, 3)),
-                              keras.layers.Conv2D(4, 1, use_bias=False)])
-    kernel = np.array([[1, 0, 0, -9], [0, 1, 0, -9], [0, 0, 1, -9]], np.float32)
-    model.layers[0].set_weights([kernel[None, None]])
-    return model
 
 
 def test_exported_signature_matches_the_keras_model(tmp_path):
@@ -85,10 +59,6 @@ def test_colorize():
     np.testing.assert_array_equal(
         colorize(ids, PALETTE),
         [[PALETTE[0], PALETTE[1], PALETTE[3]], [[255, 255, 255], [0, 0, 0], [0, 0, 0]]])
-
-
-def write_png(path, image):
-    tf.io.write_file(str(path), tf.io.encode_png(image))
 
 
 def test_predict_folder_writes_palette_coloured_masks(tmp_path):
@@ -134,11 +104,6 @@ def segmenter_with_statistics(seed=0):
     norm.set_weights([rng.uniform(0.5, 2.0, gamma.shape), rng.normal(0, 1, beta.shape),
                       rng.normal(0, 20, mean.shape), rng.uniform(50, 400, variance.shape)])
     return model
-
-
-def softmax(logits):
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
 
 
 def assert_predicts_like(outputs, logits):
@@ -215,38 +180,25 @@ def test_export_errors_name_the_fix(tmp_path, monkeypatch):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def run_export(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", "export"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
 @pytest.fixture
 def untrained_run(tmp_path):
     """A run directory as bin/train leaves it (config.gin, model.weights.h5), without the
     training: (workdir, the network its weights hold)."""
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "config.gin").write_text(TINY_SHAPES_CONFIG)
-    config.parse([str(workdir / "config.gin")])
-    reader, _, _ = config.call_configured(training.dataset_setup)
-    keras.utils.set_random_seed(0)
-    network = training.build_model(reader.info.num_classes, weights=None)
-    network.save_weights(str(workdir / "model.weights.h5"))
-    return str(workdir), network
+    workdir = str(tmp_path / "run")
+    return workdir, write_untrained_run(workdir)
 
 
 def test_cli_exports_tflite_at_the_given_size(tmp_path, untrained_run):
     workdir, network = untrained_run
-    result = run_export("--workdir", workdir, "--output", str(tmp_path / "m.tflite"),
-                        "--format", "tflite")
+    output = str(tmp_path / "m.tflite")
+    result = run_tool("export", "--workdir", workdir, "--output", output, "--format", "tflite")
     assert result.returncode == 2  # the run has no evaluation.input_size
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result)
     assert len(errors) == 1 and "--input_size H,W" in errors[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "m.tflite").exists()
 
-    result = run_export("--workdir", workdir, "--output", str(tmp_path / "m.tflite"),
-                        "--format", "tflite", "--input_size", "40,56")
+    result = run_tool("export", "--workdir", workdir, "--output", output, "--format", "tflite",
+                      "--input_size", "40,56")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote TFLite model" in result.stdout
     predict = export.load_tflite(str(tmp_path / "m.tflite"))

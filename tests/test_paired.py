@@ -3,16 +3,14 @@ recorded row, and bin/benchmark --seeds reusing finished seeds."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from kssl import config, paired
 from kssl import training  # noqa: F401  (registers the configurables)
+from tiny import REPO, run_tool, table_cells
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["Sky", "Road"]
 
 
@@ -23,18 +21,14 @@ def seed_run(seed, miou, sky, speed=20.0):
         "train_seconds": 600.0, "timed_steps": 1000})
 
 
-def cells(row):
-    return [cell.strip() for cell in row.strip().strip("|").split("|")]
-
-
 def test_row_reports_mean_and_sample_sd_of_the_paired_differences():
     runs = [seed_run(0, 0.40, 0.9), seed_run(1, 0.43, 0.8), seed_run(2, 0.41, 0.7)]
     twins = [seed_run(0, 0.37, 0.9), seed_run(1, 0.38, 0.8), seed_run(2, 0.38, 0.7)]
     result = paired.PairedResult("ClassMix", runs, twins)
     row = paired.paired_row("ClassMix", result, NAMES, "cpu", "2026-12-06", "bin/benchmark x",
                             "bin/train y")
-    values = cells(row)
-    assert len(values) == len(cells(paired.paired_table_header().splitlines()[0]))
+    values = table_cells(row)
+    assert len(values) == len(table_cells(paired.paired_table_header().splitlines()[0]))
     diffs = np.array([0.03, 0.05, 0.03]) * 100
     assert values[0] == "ClassMix (per seed 40.0 / 43.0 / 41.0)"
     assert values[3] == "0,1,2"
@@ -116,28 +110,23 @@ def test_benchmark_seeds_pairs_finished_runs_and_records_one_row(tmp_path):
         write_finished(str(workdir / f"seed_{seed}"), seed, m)
         write_finished(str(twins / key / f"seed_{seed}"), seed, t)
     record = tmp_path / "B.md"
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bin", "benchmark"), "--config", str(cfg),
-         "--seeds", "0,1", "--workdir", str(workdir), "--twins_dir", str(twins),
-         "--record", str(record), "--table", "t"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    result = run_tool("benchmark", "--config", str(cfg), "--seeds", "0,1", "--workdir",
+                      str(workdir), "--twins_dir", str(twins), "--record", str(record),
+                      "--table", "t", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("reusing the finished run") == 4
     table = result.stdout.split("seed by seed\n", 1)[1].splitlines()
     assert table[1].split() == ["0", "40.0", "50.0", "+10.0"]
     assert table[3].split()[:4] == ["mean", "42.0", "53.0", "+11.0"]
     row = [line for line in record.read_text().splitlines() if line.startswith("| ClassMix")]
-    values = cells(row[0])
+    values = table_cells(row[0])
     assert values[4] == f"53.0 ± {np.std([50.0, 56.0], ddof=1):.1f}"
     assert values[6] == f"11.0 ± {np.std([10.0, 12.0], ddof=1):.1f} (+10.0 / +12.0)"
     assert values[7] == "gain"  # 11 > 2 * 1.41
 
 
 def test_benchmark_seeds_rejects_a_bad_list(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bin", "benchmark"), "--config",
-         os.path.join(REPO, "configs", "quickstart.gin"), "--seeds", "0,x"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = run_tool("benchmark", "--config", os.path.join(REPO, "configs", "quickstart.gin"),
+                      "--seeds", "0,x", cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --seeds")

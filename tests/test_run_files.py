@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import gin
 import h5py
@@ -15,33 +13,16 @@ import tensorflow as tf
 
 from kssl import config, export, run_files, training
 from kssl.predict import predict_folder
-from tiny import TINY_SHAPES_CONFIG
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tiny import error_lines, run_tool, tiny_run_config, write_untrained_run
 
 # Three epochs of one step each: a crash, a save and a resume cost a few steps.
-RESUME_CONFIG = TINY_SHAPES_CONFIG + """
-shapes.num_val = 2
-train.method = @Supervised
-train.steps = 3
-train.steps_per_epoch = 1
-"""
+RESUME_CONFIG = tiny_run_config(steps=3)
 
 
 def write(path, text="x"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
-
-
-def run_tool(name, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
-def error_lines(result):
-    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
 # -- --overwrite ---------------------------------------------------------------------------
@@ -159,15 +140,8 @@ def test_predict_replaces_existing_masks_only_when_told(photos, tmp_path):
 @pytest.fixture
 def untrained_run(tmp_path):
     """A run directory with config.gin and model.weights.h5, as bin/train leaves it."""
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "config.gin").write_text(TINY_SHAPES_CONFIG)
-    config.parse([str(workdir / "config.gin")])
-    reader, _, _ = config.call_configured(training.dataset_setup)
-    network = training.build_model(reader.info.num_classes, weights=None)
-    network.save_weights(str(workdir / "model.weights.h5"))
-    gin.clear_config()
-    return str(workdir)
+    write_untrained_run(str(tmp_path / "run"))
+    return str(tmp_path / "run")
 
 
 def test_cli_predict_and_export_never_replace_what_they_did_not_write(

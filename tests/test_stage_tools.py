@@ -5,8 +5,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import numpy as np
@@ -15,15 +13,9 @@ import tensorflow as tf
 
 from kssl import config, training
 from kssl.data.readers.shapes import Shapes
-from tiny import TINY_SHAPES_CONFIG
+from tiny import run_tool, tiny_run_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-STAGED = TINY_SHAPES_CONFIG + """
-shapes.num_val = 4
-train.method = @ThreeStage
-train.steps = 2
-train.steps_per_epoch = 2
+STAGED = tiny_run_config("ThreeStage", steps=2, steps_per_epoch=2, num_val=4) + """
 pipeline.unlabelled_batch_size = 4
 ThreeStage.backbone_lr_multiplier = 1.0
 ThreeStage.seed = 0
@@ -32,12 +24,6 @@ stage_1/evaluation.input_size = (40, 56)
 # Stage 1 is scored at a reduced size and the later stages are not: a tool that read
 # another stage's bindings than its directory's would score differently.
 DIRECTORIES = ["", "stage_1", "stage_2", "stage_3"]  # "": the run's top level
-
-
-def run_tool(name, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

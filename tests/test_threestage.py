@@ -17,7 +17,7 @@ from kssl.data.readers.shapes import Shapes
 from kssl.evaluation import mean_iou_from_confusion
 from kssl.methods import ThreeStage, ema
 from kssl.models import branches
-from tiny import TINY_SHAPES_CONFIG, eager_steps
+from tiny import TINY_SHAPES_CONFIG, run_method_test
 
 NUM_CLASSES = 3
 
@@ -293,22 +293,7 @@ def test_writing_under_two_replicas_stores_each_example_once(tmp_path, two_repli
 
 
 # -- distribution -------------------------------------------------------------------------
-def stage2_run(strategy, batches):
-    with strategy.scope():
-        model = ThreeStage(small_segmenter(seed=4, norm="sync_batch"), NUM_CLASSES, stage=2,
-                           seed=0, backbone_lr_multiplier=0.5,
-                           strong_augment=randaugment.RandAugmentCutout(cutout_size=6))
-        model.compile(optimizer=optimizers.SGD(0.1, momentum=0.9))
-    steps = []
-    for start in (0, 4):  # two global batches of 4
-        part = {k: v[start:start + 4] for k, v in batches.items()}
-        steps.append(tuple({k[2:]: v for k, v in part.items() if k.startswith(prefix)}
-                           for prefix in ("l_", "u_")))
-    eager_steps(strategy, model, steps)
-    return model
-
-
-def test_two_stage2_steps_same_weights_on_one_and_two_replicas(two_replicas):
+def test_two_stage2_steps_same_weights_on_one_and_two_replicas(two_replicas, tmp_path):
     rng = np.random.default_rng(5)
     n, size = 8, (24, 24)
     batches = {
@@ -318,17 +303,21 @@ def test_two_stage2_steps_same_weights_on_one_and_two_replicas(two_replicas):
         "u_image": rng.uniform(0, 255, (n, *size, 3)).astype(np.float32),
         f"u_{KEY}": rng.integers(0, NUM_CLASSES, (n, *size)).astype(np.int32),
     }
-    one = stage2_run(tf.distribute.get_strategy(), batches)
-    two = stage2_run(two_replicas, batches)
-    for network in ("segmenter", "auxiliary", "teacher"):
-        a, b = getattr(one, network).weights, getattr(two, network).weights
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=2e-4, atol=2e-5,
-                                       err_msg=f"{network} {x.path}")
-    # The teacher is identical on both replicas.
-    for variable in two.teacher.weights:
-        copies = two_replicas.experimental_local_results(variable.value)
-        np.testing.assert_array_equal(copies[0].numpy(), copies[1].numpy())
+    steps = []
+    for start in (0, 4):  # two global batches of 4
+        part = {k: v[start:start + 4] for k, v in batches.items()}
+        steps.append(tuple({k[2:]: v for k, v in part.items() if k.startswith(prefix)}
+                           for prefix in ("l_", "u_")))
+
+    def make_method():
+        return ThreeStage(small_segmenter(seed=4, norm="sync_batch"), NUM_CLASSES, stage=2,
+                          seed=0, backbone_lr_multiplier=0.5,
+                          strong_augment=randaugment.RandAugmentCutout(cutout_size=6))
+
+    # run_method_test compares the student, the auxiliary head and the teacher, and
+    # checks that each replica holds the same teacher.
+    run_method_test(make_method, steps, two_replicas, tmp_path,
+                    optimizer=lambda: optimizers.SGD(0.1, momentum=0.9))
 
 
 # -- the stage driver ---------------------------------------------------------------------
