@@ -183,17 +183,22 @@ def prepare_run(method, stage=None, pseudo_masks=None) -> RunData:
           f"{num_classes} classes; method {method.__name__}{stage_text}", flush=True)
     training_pool, method_factory = method_pool(method, stage, labelled, unlabelled,
                                                 unlabelled_reader)
+    weight_setting = supervised_loss_settings()
+    # The labelled masks are read once for both uses of their class counts: median
+    # frequency weights and the class prior below.
+    counts = None
+    if training_pool is not None or weight_setting in class_balance.CLASS_WEIGHTINGS:
+        counts = class_balance.class_pixel_counts(reader, labelled, num_classes)
     try:
         class_weights = class_balance.resolve_class_weights(
-            supervised_loss_settings(), reader, labelled, num_classes)
+            weight_setting, reader, labelled, num_classes, counts=counts)
     except ValueError as error:
         raise kssl_config.ConfigError(str(error)) from None
     # The labelled masks' class distribution: the target of distribution alignment and
     # the reference of the pseudo-label monitor.
     class_prior = None
     if training_pool is not None:
-        class_prior = pseudo_label_monitor.labelled_prior(
-            class_balance.class_pixel_counts(reader, labelled, num_classes)[0])
+        class_prior = pseudo_label_monitor.labelled_prior(counts[0])
     if class_weights is not None:
         print("kssl: supervised loss class weights: " + class_balance.format_weights(
             class_weights, reader.info.class_names), flush=True)

@@ -69,12 +69,14 @@ def median_frequency_weights(class_pixels, image_pixels) -> np.ndarray:
 
 
 def resolve_class_weights(setting: Union[None, str, Sequence[float]], reader,
-                          examples: Examples, num_classes: int):
+                          examples: Examples, num_classes: int, counts=None):
     """The class weights a run trains with, or None.
 
     Args:
       setting: None (unweighted), "median_frequency" (computed from `examples`' masks), or
         one non-negative weight per class.
+      counts: `class_pixel_counts(reader, examples, num_classes)` when the caller has
+        already counted (the masks are then not read again).
     Returns:
       float32 numpy array [num_classes], or None.
     Raises:
@@ -86,7 +88,9 @@ def resolve_class_weights(setting: Union[None, str, Sequence[float]], reader,
         if setting not in CLASS_WEIGHTINGS:
             raise ValueError(f"supervised_loss.class_weights must be None, one of "
                              f"{CLASS_WEIGHTINGS} or {num_classes} numbers; got {setting!r}")
-        return median_frequency_weights(*class_pixel_counts(reader, examples, num_classes))
+        if counts is None:
+            counts = class_pixel_counts(reader, examples, num_classes)
+        return median_frequency_weights(*counts)
     try:
         weights = np.asarray([float(w) for w in setting], np.float32)
     except (TypeError, ValueError):
