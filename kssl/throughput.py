@@ -10,6 +10,12 @@ unlabelled) per second, on the training stream `kssl.training.train` builds for 
 The pipeline limits when it alone delivers fewer images per second than the step
 consumes on the fixed batch; otherwise the step does, and pipeline / step is the
 pipeline's headroom.
+
+It also counts the floating-point operations of one training step (`count_step_flops`:
+TensorFlow's graph profiler over the traced `train_step`, forward and backward), so that
+two methods' step times can be set against their compute: a step that takes more time
+than its FLOPs predict spends the rest on work that is not arithmetic (memory traffic,
+small element-wise ops, random draws, host overhead).
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ class Report:
     pipeline: Rate
     step: Rate
     fixed_batch: Rate
+    flops: Optional["StepFlops"] = None
+
+    @property
+    def fixed_batch_ms(self) -> float:
+        """Milliseconds one step takes on the fixed batch."""
+        return 1000.0 * self.fixed_batch.seconds / max(self.fixed_batch.batches, 1)
 
     @property
     def images_per_step(self) -> int:
@@ -75,6 +87,37 @@ class Report:
         """'pipeline' when the pipeline alone is slower than the step's compute alone."""
         return ("pipeline" if self.pipeline.images_per_second
                 < self.fixed_batch.images_per_second else "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """Floating-point operations of one training step, as TensorFlow's profiler counts
+    them on the traced graph: `total`, of which `backward` in gradient ops."""
+
+    total: int
+    backward: int
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def count_step_flops(model: keras.Model, batch) -> StepFlops:
+    """Traces `model.train_step` on `batch` (nothing runs) and counts its FLOPs.
+
+    The count covers the ops TensorFlow registers a FLOP statistic for (convolutions and
+    their gradients, matrix products, element-wise arithmetic, reductions), each with
+    its static shape; ops without one (resizes, gathers, random draws) count 0, which is
+    why the step time can exceed what the count predicts. Gradient ops are those the
+    tape adds (named `gradient_tape/...`).
+    """
+    concrete = tf.function(model.train_step).get_concrete_function(batch)
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(concrete.graph, options=options)
+    backward = sum(node.total_float_ops for node in profile.children
+                   if "gradient_tape/" in node.name)
+    return StepFlops(int(profile.total_float_ops), int(backward))
 
 
 def images_in(element) -> int:
@@ -208,9 +251,13 @@ def _benchmark(args: dict, steps: int, warmup: Optional[int], stage=None) -> Rep
     fixed_rate = time_training_steps(
         model, distribute_training_data(dist, fixed_ds), steps,
         FIXED_BATCH_WARMUP_STEPS, data.images_per_step)
+    flops = None
+    if dist.num_replicas_in_sync == 1:
+        # Traced outside the strategy's replica context: one replica's step is the step.
+        flops = count_step_flops(model, fixed)
     name = method.__name__ if stage is None else f"{method.__name__} stage {stage}"
     return Report(name, batch_size, unlabelled_batch, warmup, pipeline_rate, step_rate,
-                  fixed_rate)
+                  fixed_rate, flops)
 
 
 def format_report(report: Report) -> str:
@@ -224,6 +271,10 @@ def format_report(report: Report) -> str:
              "| measurement | img/s |", "|---|---|"]
     lines += [f"| {name} | {rate:.1f} |" for name, rate in rows]
     lines.append(f"| pipeline / step | {report.pipeline_over_step:.2f}x |")
+    if report.flops is not None:
+        lines.append(f"training step: {report.flops.gflops:.2f} GFLOP "
+                     f"({100 * report.flops.backward / max(report.flops.total, 1):.0f}% in "
+                     f"gradient ops), {report.fixed_batch_ms:.0f} ms on the fixed batch")
     if report.limited_by == "pipeline":
         lines.append(
             f"limited by: the input pipeline (it delivers "

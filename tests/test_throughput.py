@@ -113,5 +113,31 @@ def test_cli_pipeline_only_prints_and_records(tmp_path):
     cells = [c.strip() for c in lines[start + 3].strip("|").split("|")]
     assert cells[:2] == ["tiny", "4+0"]  # batch 4, supervised: no unlabelled images
     assert cells[6] in ("pipeline", "step") and cells[7] == "3"
+    assert float(cells[8]) > 0 and float(cells[9]) > 0  # ms/step, GFLOP/step
+    assert re.search(r"training step: \d+\.\d\d GFLOP \(\d+% in gradient ops\)",
+                     result.stdout)
     assert cells[-1] == "`bin/benchmark " + " ".join(args) + "`"
 
+
+
+def test_step_flops_match_the_convolutions_by_hand():
+    # One 3x3 convolution 3 -> 4 channels and a 1x1 classifier 4 -> 3, on 2 images of
+    # 8x8. A convolution's multiply-adds count 2 FLOPs each: 2 * pixels * k*k*cin * cout.
+    # Its backward pass computes the input gradient and the filter gradient, each as
+    # many FLOPs again (the first layer's input gradient too: TF does not prune it).
+    import keras
+    from kssl.methods import Supervised
+    from tiny import tiny_segmenter
+
+    model = Supervised(tiny_segmenter(0), 3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    batch = {"image": tf.zeros([2, 8, 8, 3]), "mask": tf.zeros([2, 8, 8], tf.uint8)}
+    flops = throughput.count_step_flops(model, batch)
+    pixels = 2 * 8 * 8
+    convolutions = 2 * pixels * (3 * 3 * 3 * 4 + 1 * 1 * 4 * 3)
+    assert flops.backward >= 2 * convolutions
+    # The rest (batch norm, biases, loss, optimizer) is small element-wise arithmetic:
+    # bounded by a few dozen FLOPs per activation.
+    activations = pixels * (4 + 3)
+    assert 3 * convolutions <= flops.total <= 3 * convolutions + 40 * activations
+    assert flops.total - flops.backward >= convolutions

@@ -137,8 +137,8 @@ def pipeline_table_header() -> str:
     """The header of a `--pipeline_only` table (see `pipeline_row`)."""
     return ("| label | images/step (labelled+unlabelled) | pipeline img/s | step img/s "
             "| step img/s, fixed batch | pipeline / step | limited by | timed steps "
-            "| machine | date | command |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "| ms/step, fixed batch | GFLOP/step | machine | date | command |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def pipeline_row(label, report, command) -> str:
@@ -147,8 +147,9 @@ def pipeline_row(label, report, command) -> str:
             f"| {report.pipeline.images_per_second:.1f} | {report.step.images_per_second:.1f} "
             f"| {report.fixed_batch.images_per_second:.1f} "
             f"| {report.pipeline_over_step:.2f} | {report.limited_by} "
-            f"| {report.step.batches} | {machine_description()} "
-            f"| {datetime.date.today().isoformat()} | `{command}` |")
+            f"| {report.step.batches} | {report.fixed_batch_ms:.0f} "
+            f"| {'-' if report.flops is None else f'{report.flops.gflops:.2f}'} "
+            f"| {machine_description()} | {datetime.date.today().isoformat()} | `{command}` |")
 
 
 def existing_header(path: str, table: str) -> Optional[str]:
