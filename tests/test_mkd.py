@@ -1,4 +1,5 @@
-"""MKD: class statistics, feature augmentation, teachers, loss pairing, distribution, fit."""
+"""MKD: class statistics, feature augmentation, teachers, loss pairing, pseudo-label
+controls, distribution, fit."""
 
 import gin
 import keras
@@ -13,7 +14,8 @@ from kssl.methods import MKD, mkd
 from kssl.methods.feature_augmentation import (ClassStatistics, augment_logits,
                                                feature_augmentation_strength, logit_offsets)
 from kssl.models.heads import DeepLabV2Head
-from tiny import TINY_SHAPES_CONFIG, mean_cross_entropy, random_batches, run_method_test
+from tiny import (TINY_SHAPES_CONFIG, mean_cross_entropy, random_batches, run_method_test,
+                  softmax)
 
 NUM_CLASSES = 3
 
@@ -294,6 +296,198 @@ def test_step_statistics_leave_out_ignore_pixels_and_are_saved(tmp_path):
         for x, y in zip(model.statistics[name].weights + model.network(name).weights,
                         restored.statistics[name].weights + restored.network(name).weights):
             np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=x.path)
+
+
+# -- pseudo-label controls -----------------------------------------------------------------
+PRIOR = np.array([0.6, 0.3, 0.1])
+# Both controls on, with fast-moving running state.
+CONTROLS = dict(confidence_threshold=0.6, thresholds="class_adaptive",
+                distribution_alignment=True, control_decay=0.5, class_prior=PRIOR)
+
+
+def controlled_mkd(seed=0):
+    return MKD(small_segmenter(seed), NUM_CLASSES, lambda_steps=1, seed=0, **CONTROLS)
+
+
+def control_state(model, name):
+    """Teacher `name`'s (running class distribution, class confidence) as numpy."""
+    return (model.alignment[name].running.numpy(),
+            model.class_confidence[name].confidence.numpy())
+
+
+def numpy_controlled_targets(state, logits_parts, augmented_parts, base=0.6, decay=0.5):
+    """The controls applied as written, in float64: fold the last (unlabelled) part into
+    the running distribution, then its aligned probabilities into the class confidence;
+    each part's target is the argmax of the aligned augmented probabilities, ignored
+    where the aligned confidence is below base * conf[target] / max(conf).
+    Returns (new state, targets, admitted, how many targets differ from the aligned
+    un-augmented argmax)."""
+    running, bank = (np.asarray(s, np.float64) for s in state)
+    probs_u = softmax(np.asarray(logits_parts[-1], np.float64)).reshape(-1, NUM_CLASSES)
+    running = decay * running + (1 - decay) * probs_u.mean(0)
+
+    def align(p):
+        a = p * PRIOR / running
+        return a / a.sum(-1, keepdims=True)
+
+    aligned_u = align(probs_u)
+    labels, confidence = aligned_u.argmax(-1), aligned_u.max(-1)
+    bank = bank.copy()
+    for c in range(NUM_CLASSES):
+        if (labels == c).any():
+            bank[c] = decay * bank[c] + (1 - decay) * confidence[labels == c].mean()
+    thresholds = base * bank / bank.max()
+    targets, admitted, changed = [], [], 0
+    for logits, augmented in zip(logits_parts, augmented_parts):
+        probs = align(softmax(np.asarray(logits, np.float64)))
+        target = align(softmax(np.asarray(augmented, np.float64))).argmax(-1)
+        changed += (target != probs.argmax(-1)).sum()
+        keep = probs.max(-1) >= thresholds[target]
+        targets.append(np.where(keep, target, IGNORE_LABEL))
+        admitted.append(keep)
+    return (running, bank), targets, admitted, changed
+
+
+def test_controlled_targets_match_numpy_and_each_teacher_keeps_its_own_state():
+    model = controlled_mkd()
+    rng = np.random.default_rng(5)
+    state = (PRIOR, np.ones(NUM_CLASSES))
+    plain_differs = False
+    for call in range(2):  # the second call starts from the state the first left
+        # Parts (labelled, mixed unlabelled); the unlabelled logits favour class 2, which
+        # the prior makes rare, so the alignment damps it.
+        logits = [rng.normal(size=(2, 3, 4, NUM_CLASSES)) * 2 for _ in range(2)]
+        logits[1][..., 2] += 1.5
+        augmented = [z + rng.uniform(0, 1.5, z.shape) for z in logits]
+        got = model.targets_from_logits(
+            "teacher_1", [tf.constant(z, tf.float32) for z in logits],
+            [tf.constant(z, tf.float32) for z in augmented])
+        state, targets, admitted, changed = numpy_controlled_targets(state, logits,
+                                                                     augmented)
+        for name, got_state, want in zip(("running", "confidence"),
+                                         control_state(model, "teacher_1"), state):
+            np.testing.assert_allclose(got_state, want, rtol=1e-5,
+                                       err_msg=f"{name}, call {call}")
+        for part in range(2):
+            np.testing.assert_array_equal(got.targets[part].numpy(), targets[part])
+            np.testing.assert_array_equal(got.admitted[part].numpy(), admitted[part])
+            # Some pixels pass and some fail their class's threshold.
+            assert 0 < admitted[part].sum() < admitted[part].size
+            plain = augmented[part].argmax(-1)  # the paper's target, fixed threshold
+            plain = np.where(softmax(logits[part]).max(-1) >= 0.6, plain, IGNORE_LABEL)
+            plain_differs |= (plain != targets[part]).any()
+        assert float(got.changed) == changed
+    assert plain_differs  # the controls changed the targets
+    assert len(set(np.round(state[1], 6))) == NUM_CLASSES  # per-class thresholds differ
+    # Teacher 2's state is its own: untouched by teacher 1's targets.
+    np.testing.assert_allclose(control_state(model, "teacher_2")[0], PRIOR, rtol=1e-6)
+    np.testing.assert_array_equal(control_state(model, "teacher_2")[1], 1.0)
+
+
+def test_pseudo_label_targets_read_the_stored_controls_without_updating_them():
+    model = controlled_mkd()
+    stored = {"teacher_1": ([0.2, 0.3, 0.5], [0.9, 0.5, 0.7]),
+              "teacher_2": ([0.5, 0.4, 0.1], [0.6, 0.8, 0.4])}
+    for name, (running, confidence) in stored.items():
+        model.alignment[name].running.assign(running)
+        model.class_confidence[name].confidence.assign(confidence)
+        # Spread the untrained teachers' probabilities, so some pixels pass a threshold.
+        kernel = model.network(name).head.classifier.kernel
+        kernel.assign(kernel * 20.0)
+    images = np.random.default_rng(6).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    got = model.pseudo_label_targets(tf.constant(images))
+    for name, (running, confidence) in stored.items():
+        probs = softmax(model.network(name)(images, training=False).numpy()
+                        .astype(np.float64))
+        aligned = probs * PRIOR / np.array(running)
+        aligned /= aligned.sum(-1, keepdims=True)
+        labels = aligned.argmax(-1)
+        thresholds = 0.6 * np.array(confidence) / max(confidence)
+        admitted = aligned.max(-1) >= thresholds[labels]
+        np.testing.assert_array_equal(got[name][0].numpy(), labels, err_msg=name)
+        np.testing.assert_array_equal(got[name][1].numpy(), admitted, err_msg=name)
+        assert 0 < admitted.sum() < admitted.size, name
+        assert (labels != probs.argmax(-1)).any(), name  # the alignment mattered
+        np.testing.assert_allclose(control_state(model, name)[0], running, rtol=1e-6)
+        np.testing.assert_allclose(control_state(model, name)[1], confidence, rtol=1e-6)
+
+
+def test_controls_state_and_targets_same_on_one_and_two_replicas(two_replicas):
+    """Two rounds of both teachers' targets from the same logits, the global batch whole
+    on one device or split over two replicas: the targets and every control's state equal
+    the single-device ones (from global-batch sums), each replica holding the same copy."""
+    rng = np.random.default_rng(7)
+    rounds = []
+    for _ in range(2):
+        logits = [rng.normal(size=(4, 3, 4, NUM_CLASSES)).astype(np.float32) * 2
+                  for _ in range(2)]
+        logits[1][:2, ..., 2] += 2.0  # replica 0's half favours class 2: halves differ
+        rounds.append((logits, [z + rng.uniform(0, 1.5, z.shape).astype(np.float32)
+                                for z in logits]))
+    single = controlled_mkd()
+    with two_replicas.scope():
+        double = controlled_mkd()
+
+    def targets(model, logits, augmented):
+        return [model.targets_from_logits(name, logits, augmented).targets
+                for name in mkd.TEACHERS]
+
+    for logits, augmented in rounds:
+        want = targets(single, logits, augmented)
+        shards = next(iter(two_replicas.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors((tuple(logits), tuple(augmented))).unbatch()
+            .batch(4))))
+        out = two_replicas.run(lambda z, a: targets(double, list(z), list(a)),
+                               args=shards)
+        for teacher, parts in enumerate(want):
+            for part, target in enumerate(parts):
+                halves = two_replicas.experimental_local_results(out[teacher][part])
+                assert [len(h) for h in halves] == [2, 2]
+                np.testing.assert_array_equal(
+                    np.concatenate([h.numpy() for h in halves]), target.numpy())
+    for name in mkd.TEACHERS:
+        for x, y in zip(single.alignment[name].weights + single.class_confidence[name].weights,
+                        double.alignment[name].weights + double.class_confidence[name].weights):
+            copies = [c.numpy() for c in two_replicas.experimental_local_results(y.value)]
+            for copy in copies:
+                np.testing.assert_allclose(copy, x.numpy(), rtol=1e-6, err_msg=y.path)
+            np.testing.assert_array_equal(copies[0], copies[1])
+        # The state moved from its start (prior, ones).
+        assert not np.allclose(control_state(single, name)[0], PRIOR)
+        assert not np.allclose(control_state(single, name)[1], 1.0)
+
+
+def test_a_step_with_the_controls_moves_their_state_and_saves_it(tmp_path):
+    model = controlled_mkd()
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    logs = step_logs(model, random_batches(4, (32, 32)))
+    assert 0.0 <= logs["confident_share"] <= 1.0
+    paths = [w.path for name in mkd.TEACHERS
+             for w in model.alignment[name].weights + model.class_confidence[name].weights]
+    assert len(set(paths)) == 6 and all(any(t in p for t in mkd.TEACHERS) for p in paths)
+    for name in mkd.TEACHERS:
+        assert not np.allclose(control_state(model, name)[0], PRIOR)
+        assert not np.allclose(control_state(model, name)[1], 1.0)
+    path = str(tmp_path / "mkd.weights.h5")
+    model.save_weights(path)
+    restored = controlled_mkd(seed=1)
+    restored.load_weights(path)
+    for name in mkd.TEACHERS:
+        for got, want in zip(control_state(restored, name), control_state(model, name)):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    # Off by default (the paper): no control state, the checkpoint layout unchanged.
+    plain = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1)
+    assert not plain.alignment and not plain.class_confidence
+    assert len(plain.weights) + len(paths) == len(model.weights)
+
+
+def test_bad_control_settings_are_refused():
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, thresholds="class_adaptive")
+    with pytest.raises(ValueError, match="class_prior"):
+        MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, distribution_alignment=True)
+    with pytest.raises(ValueError, match="thresholds"):
+        MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, thresholds="adaptive")
 
 
 # -- distribution and the teachers ---------------------------------------------------------

@@ -31,8 +31,9 @@ silent or differs, the paper's choice then being an option):
    L = CE(S1, y) + CE(S2, y)
      + alpha * [CE(S1, argmax T2) + CE(S2, argmax T1)]      (teacher k teaches the other)
      + beta  * [CE(S1, argmax S2) + CE(S2, argmax S1)]      (the students teach each other)
-   with alpha = 1.5, beta = 1.0, an optional confidence threshold on the teacher targets,
-   and one optimizer step over both students.
+   with alpha = 1.5, beta = 1.0, an optional confidence threshold on the teacher targets
+   (fixed or class-adaptive, optionally after distribution alignment: the shared
+   `pseudo_label_controls`, off by default), and one optimizer step over both students.
 
 Student 1 is evaluated and exported (either student or teacher on request).
 
@@ -53,6 +54,7 @@ from kssl import losses
 from kssl.augment import mixing, seeds
 from kssl.augment.strong import MKD_CODE_OP_WEIGHTS, OneOfPhotometric
 from kssl.methods import ema
+from kssl.methods import pseudo_label_controls as controls
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.methods.feature_augmentation import (ClassStatistics, augmented_logits,
                                                feature_augmentation_strength, logit_offsets)
@@ -63,6 +65,7 @@ from kssl.models.segmenter import Segmenter
 _MASK_STREAM, _STRONG_STREAM = 1, 2
 
 NETWORKS = ("student_1", "student_2", "teacher_1", "teacher_2")
+TEACHERS = NETWORKS[2:]
 
 
 class TeacherTargets(NamedTuple):
@@ -70,7 +73,7 @@ class TeacherTargets(NamedTuple):
     unlabelled) at the loss resolution."""
 
     targets: list  # argmax of the augmented logits, the ignore label below the threshold
-    confidences: list  # the un-augmented maximum probability
+    admitted: list  # where the un-augmented confidence reaches the threshold (all: none)
     changed: tf.Tensor  # how many pixels' argmax the feature augmentation changed
 
 
@@ -87,6 +90,23 @@ class MKD(SegmentationMethod):
       confidence_threshold: None (the released config) or e.g. 0.95 (the paper's starred
         rows): teacher targets whose un-augmented teacher probability is below it are
         ignored (left out of the mean), as the code's `prob` option.
+      thresholds: "fixed" (`confidence_threshold` for every class; the default) or
+        "class_adaptive": per class, `confidence_threshold` scaled by the teacher's
+        running confidence on that class over its most confident class's (AEL's
+        confidence bank with FreeMatch's normalisation; needs `confidence_threshold`).
+        A target pixel is measured against the threshold of its (augmented) class.
+      distribution_alignment: rescale each teacher's probabilities, un-augmented and
+        augmented, by the labelled class prior over a running average of that teacher's
+        class distribution on the mixed unlabelled batch, before the argmax and the
+        threshold (ReMixMatch; DARS for segmentation; needs `class_prior`, which the
+        driver passes).
+      control_decay: decay of the running class confidence and class distribution of
+        those two controls (0.99). The two are controls against confirmation bias (see
+        `pseudo_label_controls`), off by default: the paper's recipe. Each teacher keeps
+        its own state, updated from its un-augmented probabilities on the mixed
+        unlabelled batch; its targets on the labelled images are thresholded and aligned
+        with that state but not counted in it (predictions fitted to their masks would
+        hide the teacher's bias on the unlabelled images).
       ema_decay, ema_warmup: the teachers' decay min(1 - 1/t, ema_decay) at the t-th step
         (t from 1; the code's 0.6 by default; 0.99 the usual mean teacher); without
         warm-up, ema_decay throughout (the paper's gamma = 0.4: `ema_decay=0.4,
@@ -150,13 +170,18 @@ class MKD(SegmentationMethod):
                  box_proportion: Sequence[float] = (0.25, 0.5), strong_augment=True,
                  strong_op_weights: Sequence[float] = MKD_CODE_OP_WEIGHTS,
                  share_backbone_init: bool = True, inference: str = "student_1",
-                 seed: Optional[int] = None, **kwargs):
+                 thresholds: str = "fixed", distribution_alignment: bool = False,
+                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("teacher_bn", teacher_bn, ("batch", "ema")),
                                      ("lambda_schedule", lambda_schedule,
                                       ("cosine", "linear")),
-                                     ("inference", inference, NETWORKS)]:
+                                     ("inference", inference, NETWORKS),
+                                     ("thresholds", thresholds, ("fixed", "class_adaptive"))]:
             if value not in allowed:
                 raise ValueError(f"MKD {name} must be one of {allowed}, got {value!r}")
+        if thresholds == "class_adaptive" and confidence_threshold is None:
+            raise ValueError("MKD thresholds='class_adaptive' scales confidence_threshold: "
+                             "set it (e.g. 0.95)")
         if not isinstance(segmenter, Segmenter):
             raise TypeError("MKD needs a kssl Segmenter (its feature augmentation reads the "
                             f"head's classifier), got {type(segmenter).__name__}")
@@ -215,6 +240,23 @@ class MKD(SegmentationMethod):
         self.statistics = {
             name: ClassStatistics(num_classes, channels, name=f"{name}_statistics")
             for name in (augmented if feature_augment else ())}
+        # Pseudo-label controls (state in Keras weights: saved with the checkpoints). One
+        # state per teacher: each teacher's targets come from its own network, whose
+        # confidence and class bias drift apart from the other's, and the two targets
+        # supervise different students; a shared state would let one teacher's bias set
+        # the other's thresholds.
+        self.thresholds = thresholds
+        self.class_confidence = {
+            name: controls.ClassConfidence(num_classes, control_decay,
+                                           name=f"{name}_class_confidence")
+            for name in (TEACHERS if thresholds == "class_adaptive" else ())}
+        if distribution_alignment and self.class_prior is None:
+            raise ValueError("MKD distribution_alignment needs the labelled class prior "
+                             "(class_prior)")
+        self.alignment = {
+            name: controls.DistributionAlignment(self.class_prior, control_decay,
+                                                 name=f"{name}_distribution_alignment")
+            for name in (TEACHERS if distribution_alignment else ())}
 
     # -- networks -----------------------------------------------------------------------
     def networks(self) -> list:
@@ -323,33 +365,89 @@ class MKD(SegmentationMethod):
             _, features, logits = self.forward(name, images_l, training)
             parts.append((features, logits, labels_l))
         _, features, logits = self.forward(name, images_u, training, boxes)
+        # The class statistics take the teacher's own argmax (the features' class for the
+        # feature augmentation), not the controlled target.
         parts.append((features, logits, tf.argmax(logits, -1, output_type=tf.int32)))
         augmented = self.augmented(name, parts, strength)
-        targets, confidences, changed = [], [], 0.0
-        for (_, logits, _), logits_aug in zip(parts, augmented):
-            target = tf.argmax(logits_aug, -1, output_type=tf.int32)
-            changed += tf.reduce_sum(tf.cast(
-                target != tf.argmax(logits, -1, output_type=tf.int32), tf.float32))
-            confidence = tf.reduce_max(tf.nn.softmax(logits), -1)
+        return self.targets_from_logits(name, [logits for _, logits, _ in parts],
+                                        augmented)
+
+    def targets_from_logits(self, name, logits_parts, augmented_parts) -> TeacherTargets:
+        """Teacher `name`'s targets from its logits and their feature-augmented version,
+        per consistency part (the mixed unlabelled part last): the pseudo-label controls'
+        state is first updated from the unlabelled part, then each part's target is the
+        argmax of its [aligned] augmented probabilities, ignored where the [aligned]
+        un-augmented confidence is below the [class-adaptive] threshold."""
+        running, confidence_bank = self.update_controls(name, logits_parts[-1])
+        alignment = self.alignment.get(name)
+        targets, admitted_parts, changed = [], [], 0.0
+        for logits, logits_aug in zip(logits_parts, augmented_parts):
+            if alignment is None:  # the paper's targets, in the logits' precision
+                probs = tf.nn.softmax(logits)
+                target = tf.argmax(logits_aug, -1, output_type=tf.int32)
+                plain = tf.argmax(logits, -1, output_type=tf.int32)
+            else:
+                probs = alignment.rescale(tf.nn.softmax(tf.cast(logits, tf.float32)),
+                                          running)
+                target = tf.argmax(alignment.rescale(
+                    tf.nn.softmax(tf.cast(logits_aug, tf.float32)), running), -1,
+                    output_type=tf.int32)
+                plain = tf.argmax(probs, -1, output_type=tf.int32)
+            # Against the un-augmented argmax under the same alignment: what the
+            # augmentation alone changed.
+            changed += tf.reduce_sum(tf.cast(target != plain, tf.float32))
+            admitted = tf.ones_like(target, tf.bool)
             if self.confidence_threshold is not None:
-                target = tf.where(confidence >= self.confidence_threshold, target,
-                                  self.ignore_label)
+                admitted = tf.reduce_max(probs, -1) >= self.pixel_thresholds(
+                    name, target, confidence_bank)
+                target = tf.where(admitted, target, self.ignore_label)
             targets.append(tf.stop_gradient(target))
-            confidences.append(confidence)
-        return TeacherTargets(targets, confidences, changed)
+            admitted_parts.append(admitted)
+        return TeacherTargets(targets, admitted_parts, changed)
+
+    def update_controls(self, name, logits_u) -> tuple:
+        """Folds teacher `name`'s un-augmented probabilities on the mixed unlabelled batch
+        into its running class distribution, then (aligned) into its running class
+        confidence, from global-batch sums. Returns (the new running distribution, the
+        new class confidence), each None when its control is off."""
+        running = confidence = None
+        if name in self.alignment or name in self.class_confidence:
+            probs = tf.nn.softmax(tf.cast(logits_u, tf.float32))
+            if name in self.alignment:
+                running = self.alignment[name].updated(probs)
+                probs = self.alignment[name].rescale(probs, running)
+            if name in self.class_confidence:
+                confidence = self.class_confidence[name].updated(probs)
+        return running, confidence
+
+    def pixel_thresholds(self, name, pseudo_labels, class_confidence=None):
+        """The confidence a target pixel of teacher `name` must reach: the fixed
+        threshold, or its pseudo-label's class-adaptive one from `class_confidence`
+        (default: the teacher's stored running class confidence)."""
+        if name not in self.class_confidence:
+            return self.confidence_threshold
+        if class_confidence is None:
+            class_confidence = self.class_confidence[name].confidence
+        per_class = controls.adaptive_thresholds(class_confidence,
+                                                 self.confidence_threshold)
+        return tf.gather(per_class, pseudo_labels)
 
     def pseudo_label_targets(self, images, labelled_images=None) -> dict:
         """Each teacher's targets on the weak unlabelled view at the input size: the
-        argmax of its logits, admitted where its confidence reaches the threshold (all
-        pixels without one). The feature augmentation of the teachers' logits is left
-        out: it would update the class statistics."""
+        argmax of its [aligned] probabilities, admitted where its confidence reaches the
+        [class-adaptive] threshold (all pixels without one), with the controls' stored
+        running state (nothing is updated). The feature augmentation of the teachers'
+        logits is left out: it would update the class statistics."""
         targets = {}
-        for name in NETWORKS[2:]:
+        for name in TEACHERS:
             logits = tf.cast(self.network(name)(images, training=False), tf.float32)
             probs = tf.nn.softmax(logits)
+            if name in self.alignment:
+                probs = self.alignment[name].rescale(probs)
+            labels = tf.argmax(probs, -1, output_type=tf.int32)
             admitted = (None if self.confidence_threshold is None
-                        else tf.reduce_max(probs, -1) >= self.confidence_threshold)
-            targets[name] = (tf.argmax(probs, -1, output_type=tf.int32), admitted)
+                        else tf.reduce_max(probs, -1) >= self.pixel_thresholds(name, labels))
+            targets[name] = (labels, admitted)
         return targets
 
     def student_outputs(self, name, images_l, masks_l, labels_l, mixed, strength) -> tuple:
@@ -418,7 +516,7 @@ class MKD(SegmentationMethod):
         global values: "largest_logit_offset" (the students' largest offset),
         "augmented_target_changes" (the share of teacher targets whose class the
         augmentation changed) and "confident_share" (the share of teacher pixels at or
-        above the threshold), each where the settings make it meaningful."""
+        above their threshold), each where the settings make it meaningful."""
         logs = {}
         if self.feature_augment:
             logs["largest_logit_offset"] = losses.global_mean(
@@ -429,8 +527,8 @@ class MKD(SegmentationMethod):
                 tf.add_n([teacher.changed for teacher in teachers]),
                 tf.add_n([tf.cast(tf.size(t), tf.float32) for t in targets]))
         if self.confidence_threshold is not None:
-            confident = [tf.cast(c >= self.confidence_threshold, tf.float32)
-                         for teacher in teachers for c in teacher.confidences]
+            confident = [tf.cast(a, tf.float32)
+                         for teacher in teachers for a in teacher.admitted]
             logs["confident_share"] = losses.global_mean(
                 tf.add_n([tf.reduce_sum(c) for c in confident]),
                 tf.add_n([tf.cast(tf.size(c), tf.float32) for c in confident]))

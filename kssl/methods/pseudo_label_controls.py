@@ -127,6 +127,13 @@ class DistributionAlignment(keras.layers.Layer):
     def align(self, probs, valid=None) -> tf.Tensor:
         """Aligned probabilities [B, H, W, C]; folds the batch into the running
         distribution first (and stores it)."""
+        return self.rescale(probs, self.updated(probs, valid))
+
+    def updated(self, probs, valid=None) -> tf.Tensor:
+        """The new running distribution [C] after the batch `probs` [B, H, W, C] (pixels
+        where `valid` [B, H, W] is false are left out); also stored. A method that aligns
+        several tensors by one batch's statistics folds that batch in here, then
+        `rescale`s each tensor with the value returned."""
         probs = tf.cast(probs, tf.float32)
         keep = (tf.ones(tf.shape(probs)[:-1]) if valid is None
                 else tf.cast(valid, tf.float32))[..., None]
@@ -136,7 +143,7 @@ class DistributionAlignment(keras.layers.Layer):
         running = tf.where(count > 0, self.decay * old + (1.0 - self.decay) * batch_sum
                            / tf.maximum(count, 1.0), old)
         replicated_state.assign_identical([self.running], [running])
-        return self.rescale(probs, running)
+        return running
 
     def rescale(self, probs, running=None) -> tf.Tensor:
         """probs * prior / running, renormalised; `running` defaults to the stored one
