@@ -13,7 +13,10 @@ reports for each target:
   threshold), and `admitted_accuracy`, the accuracy of those pixels;
 - `class_share`: the class distribution of the admitted pseudo-labels, against the
   labelled images' class prior: `kl_to_prior` = KL(share || prior) and the classes that
-  gain and lose most share (in points).
+  gain and lose most share (in points);
+- `prediction_kl_to_prior`: the same KL for every pixel's pseudo-label, admitted or not:
+  the drift of the teacher itself, readable even while a high threshold admits almost
+  nothing (then the admitted share is a handful of pixels and says little).
 
 The history is logged to TensorBoard (`logs/pseudo_labels`), kept in
 `pseudo_label_monitor.json` (rewritten atomically after each measurement, so a resumed run
@@ -76,6 +79,8 @@ def score_targets(labels, admitted, truth, prior, class_names) -> dict:
         "admitted_share": float(admitted.mean()),
         "class_share": {name: float(s) for name, s in zip(class_names, share)},
         "kl_to_prior": kl_divergence(share, prior),
+        "prediction_kl_to_prior": kl_divergence(
+            class_shares(labels, np.ones_like(admitted), num_classes), prior),
         "most_gained": [class_names[order[-1]], float(100 * difference[order[-1]])],
         "most_lost": [class_names[order[0]], float(100 * difference[order[0]])],
         "mean_iou": None, "accuracy": None, "admitted_accuracy": None,
@@ -102,8 +107,9 @@ def format_line(step: int, name: str, scores: dict) -> str:
     if scores["admitted_accuracy"] is not None:
         parts.append(f"(accuracy {100 * scores['admitted_accuracy']:.1f})")
     gained, lost = scores["most_gained"], scores["most_lost"]
-    parts.append(f"| KL to the labelled prior {scores['kl_to_prior']:.3f}: "
-                 f"{gained[0]} {gained[1]:+.1f} pts, {lost[0]} {lost[1]:+.1f} pts")
+    parts.append(f"| KL to the labelled prior {scores['kl_to_prior']:.3f} admitted: "
+                 f"{gained[0]} {gained[1]:+.1f} pts, {lost[0]} {lost[1]:+.1f} pts; "
+                 f"{scores['prediction_kl_to_prior']:.3f} all pixels")
     return " ".join(parts)
 
 
@@ -201,8 +207,8 @@ class PseudoLabelMonitor(keras.callbacks.Callback):
         with self._writer.as_default(step=step):
             for name, values in scores.items():
                 for key in ("mean_iou", "accuracy", "admitted_share", "admitted_accuracy",
-                            "kl_to_prior"):
-                    if values[key] is not None:
+                            "kl_to_prior", "prediction_kl_to_prior"):
+                    if values.get(key) is not None:
                         tf.summary.scalar(f"{name}/{key}", values[key])
                 for cls, share in values["class_share"].items():
                     tf.summary.scalar(f"{name}/share/{cls}", share)

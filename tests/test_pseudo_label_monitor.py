@@ -38,6 +38,11 @@ def test_scores_equal_a_hand_count():
     q = prior + 1e-6
     p, q = p / p.sum(), q / q.sum()
     assert scores["kl_to_prior"] == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-6)
+    # All six pixels' labels 0, 0, 1, 2, 2, 2 -> 1/3, 1/6, 1/2, admitted or not.
+    p = np.array([1 / 3, 1 / 6, 1 / 2]) + 1e-6
+    p = p / p.sum()
+    assert scores["prediction_kl_to_prior"] == pytest.approx(np.sum(p * np.log(p / q)),
+                                                             rel=1e-6)
 
 
 def test_without_ground_truth_only_the_distribution_is_scored():
