@@ -211,6 +211,8 @@ OTHER_FILES = ("pseudo_label_monitor.json",)
 BACKUP_FILES = (BACKUP_WEIGHTS, BACKUP_METADATA, PREVIOUS_WEIGHTS, PREVIOUS_METADATA)
 TENSORBOARD_DIRS = ("train", "validation", "pseudo_labels")
 PSEUDO_MASK_DIRS = ("pseudo_masks", "pseudo_masks.partial")
+RELIABILITY_DIR = "reliability"  # ST++'s prediction snapshots, one pseudo-mask store a step
+SNAPSHOT_DIR = re.compile(r"step_\d+(\.partial)?")
 STAGE_DIR = re.compile(r"stage_\d+")
 EVAL_FILE = re.compile(r"eval_.+\.json")
 PSEUDO_MASK_FILE = re.compile(r"\d{6,}\.png|index\.json")
@@ -250,6 +252,12 @@ def _foreign_below(directory: str, relative: str, is_ours) -> List[str]:
     return foreign
 
 
+def _pseudo_mask_store(directory: str, relative: str) -> List[str]:
+    """What in a pseudo-mask store (`kssl.data.pseudo_masks`) kssl did not write."""
+    return _foreign_below(directory, relative,
+                          lambda n, p, d: not d and PSEUDO_MASK_FILE.fullmatch(n))
+
+
 def foreign_files(workdir: str, relative: str = "") -> List[str]:
     """The files and folders in run directory `workdir` that kssl did not write, as paths
     relative to it (a foreign folder is named, not its content), sorted."""
@@ -271,8 +279,15 @@ def foreign_files(workdir: str, relative: str = "") -> List[str]:
                         os.path.join(path, sub), os.path.join(here, sub),
                         lambda n, p, d: not d and n.startswith("events.out.tfevents.")))
         elif is_dir and name in PSEUDO_MASK_DIRS:
+            foreign.extend(_pseudo_mask_store(path, here))
+        elif is_dir and name == RELIABILITY_DIR:
             foreign.extend(_foreign_below(
-                path, here, lambda n, p, d: not d and PSEUDO_MASK_FILE.fullmatch(n)))
+                path, here, lambda n, p, d: d and SNAPSHOT_DIR.fullmatch(n)))
+            for sub in sorted(os.listdir(path)):
+                store = os.path.join(path, sub)
+                if (SNAPSHOT_DIR.fullmatch(sub) and os.path.isdir(store)
+                        and not os.path.islink(store)):
+                    foreign.extend(_pseudo_mask_store(store, os.path.join(here, sub)))
         elif is_dir:
             return False
         elif name in SCORE_FILES or EVAL_FILE.fullmatch(name):

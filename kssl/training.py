@@ -35,11 +35,12 @@ from kssl.configured import (build_model, check_run, dataset_setup, evaluation_s
                              training_stream)
 from kssl.data import class_balance, validate
 from kssl.data.examples import Examples
-from kssl.data.pseudo_masks import PseudoMaskStore, write_pseudo_masks
+from kssl.data.pseudo_masks import PseudoMaskStore, stability_against, write_pseudo_masks
 from kssl.distribution import (WorkerBackupAndRestore, chief_values, choose_strategy,
                                distribute_training_data, is_chief, worker_scratch_dir)
 from kssl.methods import Supervised
 from kssl.methods.base import SegmentationMethod
+from kssl.methods.pseudo_label_controls import select_reliable
 from kssl.optimizers import build_optimizer
 
 
@@ -359,12 +360,19 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         callbacks.append(monitor)
     writer = None
     if stage is not None and stage < method.stages:
-        pools = [("labelled", labelled),
-                 ("unlabelled", with_ground_truth(unlabelled, reader, train_split,
-                                                  settings["validate_data"]))]
-        writer = PseudoMaskWriter(os.path.join(workdir, PSEUDO_MASK_DIR), reader, pools,
+        scored_pool = with_ground_truth(unlabelled, reader, train_split,
+                                        settings["validate_data"])
+        selection = None
+        if stage == 1 and model.reliable_share is not None and len(unlabelled):
+            selection = ReliableSelection(
+                os.path.join(workdir, run_files.RELIABILITY_DIR), reader, scored_pool,
+                num_classes, steps, model.reliable_share, model.reliable_checkpoints,
+                resize=settings["resize"])
+            callbacks.append(selection)
+        writer = PseudoMaskWriter(os.path.join(workdir, PSEUDO_MASK_DIR), reader,
+                                  [("labelled", labelled), ("unlabelled", scored_pool)],
                                   num_classes, resize=settings["resize"],
-                                  progress=verbose == 1)
+                                  progress=verbose == 1, selection=selection)
         callbacks.append(writer)
     epochs = steps // steps_per_epoch
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -444,12 +452,72 @@ def with_ground_truth(pool: Examples, reader, train_split, check: bool) -> Examp
     return scored
 
 
+class ReliableSelection(keras.callbacks.Callback):
+    """ST++'s reliable-image selection (`ThreeStage.reliable_share`).
+
+    At `checkpoints` - 1 evenly spaced steps before the end, stores the argmax of the
+    model's `pseudo_mask_network` on the unlabelled `pool` (a pseudo-mask store per step
+    in `directory`, so a resumed run still has them); `choose` then scores each image's
+    stability against the final network and keeps the most stable `share`.
+    """
+
+    def __init__(self, directory, reader, pool, num_classes, steps, share, checkpoints,
+                 resize=None):
+        super().__init__()
+        self.directory = directory
+        self.reader = reader
+        self.pool = pool
+        self.num_classes = num_classes
+        self.share = share
+        self.resize = resize
+        # ST++ keeps a model after epochs // 3 and 2 * epochs // 3 of training (K = 3).
+        self.snapshot_steps = sorted({max(1, steps * k // checkpoints)
+                                      for k in range(1, checkpoints)})
+
+    def snapshot(self, step) -> PseudoMaskStore:
+        return PseudoMaskStore(os.path.join(self.directory, f"step_{step:06d}"))
+
+    def on_train_begin(self, logs=None):
+        # Read once, after the backup is restored: reading the counter every step would
+        # wait for each step to finish.
+        self.step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        snapshot = self.snapshot(self.step)
+        if self.step in self.snapshot_steps and not snapshot.complete:
+            write_pseudo_masks(snapshot.directory, self.model.pseudo_mask_network, self.reader,
+                               [("unlabelled", self.pool)], self.num_classes,
+                               resize=self.resize, progress=False)
+
+    def choose(self, network) -> tuple:
+        """(the unlabelled ids whose pseudo-masks are dropped, what the report records),
+        `network` being the final checkpoint."""
+        taken = [s for s in self.snapshot_steps if self.snapshot(s).complete]
+        if len(taken) < len(self.snapshot_steps):
+            missing = sorted(set(self.snapshot_steps) - set(taken))
+            print(f"kssl: reliable images: no prediction snapshot of step(s) {missing} in "
+                  f"{self.directory} (resumed without it); scoring stability against "
+                  f"step(s) {taken or 'none (every image alike, pool order)'}", flush=True)
+        ids, scores = stability_against([self.snapshot(s) for s in taken], network,
+                                        self.reader, self.pool, self.num_classes,
+                                        resize=self.resize)
+        kept, dropped = select_reliable(ids, scores, self.share)
+        print(f"kssl: reliable images: keeping the pseudo-masks of the {len(kept)} most "
+              f"stable of {len(ids)} unlabelled images", flush=True)
+        return dropped, {"reliable_share": self.share, "reliable_images": len(kept),
+                         "reliability_snapshot_steps": taken}
+
+
 class PseudoMaskWriter(keras.callbacks.Callback):
     """At the end of training, stores the model's `pseudo_mask_network` argmax on every
     training image (see `kssl.data.pseudo_masks`) and reports their quality against the
-    ground truth where it exists. A set that is already complete is kept."""
+    ground truth where it exists. A set that is already complete is kept. With a
+    `selection` (`ReliableSelection`), the unreliable unlabelled images' masks are stored
+    all-ignore."""
 
-    def __init__(self, directory, reader, pools, num_classes, resize=None, progress=True):
+    def __init__(self, directory, reader, pools, num_classes, resize=None, progress=True,
+                 selection=None):
         super().__init__()
         self.store = PseudoMaskStore(directory)
         self.reader = reader
@@ -457,18 +525,24 @@ class PseudoMaskWriter(keras.callbacks.Callback):
         self.num_classes = num_classes
         self.resize = resize
         self.progress = progress
+        self.selection = selection
         self.report = None
 
     def on_train_end(self, logs=None):
         if self.store.complete:
             self.report = self.store.index.get("scores")
             return
+        network = self.model.pseudo_mask_network
+        dropped, notes = None, None
+        if self.selection is not None:
+            dropped, notes = self.selection.choose(network)
         total = sum(len(examples) for _, examples in self.pools)
         print(f"kssl: writing {total} pseudo-masks to {self.store.directory}", flush=True)
         self.report = write_pseudo_masks(
-            self.store.directory, self.model.pseudo_mask_network, self.reader, self.pools,
+            self.store.directory, network, self.reader, self.pools,
             self.num_classes, resize=self.resize, progress=self.progress,
-            confidence_threshold=self.model.pseudo_mask_threshold)
+            confidence_threshold=self.model.pseudo_mask_threshold, dropped_ids=dropped,
+            notes=notes)
         scores = ", ".join(f"{name[:-len('_mean_iou')]} {100 * value:.1f}%"
                            for name, value in self.report.items() if name.endswith("mean_iou"))
         print(f"kssl: pseudo-mask mean IoU against the ground truth: {scores or 'no labels'}",

@@ -73,6 +73,30 @@ def test_stplusplus_stability_and_order_on_hand_made_masks():
     assert controls.reliable_order(["a", "b", "c"], [0.1, 0.9, 0.5]) == ["b", "c", "a"]
 
 
+def test_stplusplus_selection_keeps_the_most_stable_share():
+    final = np.array([[0, 0], [1, 1]])
+    same, swapped = final, 1 - final
+    one_off = np.array([[0, 0], [0, 1]])  # class 0: 2/3, class 1: 1/2 -> 7/12
+    all_zero = np.zeros((2, 2), int)      # class 0: 1/2, class 1: 0 -> 1/4
+    earlier = {"a": (same, same),          # 1
+               "b": (same, one_off),       # (1 + 7/12) / 2 = 19/24
+               "c": (swapped, swapped),    # 0
+               "d": (one_off, one_off),    # 7/12
+               "e": (all_zero, same)}      # (1/4 + 1) / 2 = 5/8
+    ids = ["c", "a", "d", "e", "b"]  # pool order
+    scores = controls.stability_scores(
+        np.stack([final] * len(ids)),
+        [np.stack([earlier[i][k] for i in ids]) for k in range(2)], 2)
+    np.testing.assert_allclose(scores, [0, 1, 7 / 12, 5 / 8, 19 / 24])
+    # Half of 5 keeps 2, as ST++'s first len // 2 of the order.
+    assert controls.select_reliable(ids, scores, 0.5) == (["a", "b"], ["e", "d", "c"])
+    assert controls.select_reliable(ids, scores, 0.6) == (["a", "b", "e"], ["d", "c"])
+    assert controls.select_reliable(ids, scores, 1.0)[1] == []
+    # Equal scores keep the pool order; 0.29 of 100 is 29 images despite float rounding.
+    kept, dropped = controls.select_reliable([str(k) for k in range(100)], [0.5] * 100, 0.29)
+    assert kept == [str(k) for k in range(29)] and len(dropped) == 71
+
+
 def test_state_is_the_single_device_state_on_both_replicas(two_replicas):
     strategy = two_replicas
     probs = probs_from([(0, 0.9), (1, 0.6), (0, 0.5), (2, 0.8)])  # [1, 1, 4, 3]

@@ -42,6 +42,9 @@ def fake_run(root):
         write(os.path.join(base, "pseudo_label_monitor.json"), "{}")
     write(os.path.join(root, "stage_1", "pseudo_masks", "index.json"), "{}")
     write(os.path.join(root, "stage_1", "pseudo_masks", "000000.png"))
+    for snapshot in ("step_000003", "step_000006.partial"):  # ST++'s selection
+        write(os.path.join(root, "stage_1", "reliability", snapshot, "index.json"), "{}")
+        write(os.path.join(root, "stage_1", "reliability", snapshot, "000000.png"))
     write(os.path.join(root, "eval_val.json"), scores)
     write(os.path.join(root, "stage_1", "eval_test.json"), scores)
 
@@ -53,7 +56,10 @@ def fake_run(root):
     ("logs/notes.txt", "logs/notes.txt"), ("backup/mine.h5", "backup/mine.h5"),
     ("logs/train/holiday.jpg", "logs/train/holiday.jpg"),
     ("stage_1/holiday.jpg", "stage_1/holiday.jpg"),
-    ("stage_1/pseudo_masks/holiday.jpg", "stage_1/pseudo_masks/holiday.jpg")])
+    ("stage_1/pseudo_masks/holiday.jpg", "stage_1/pseudo_masks/holiday.jpg"),
+    ("stage_1/reliability/notes.txt", "stage_1/reliability/notes.txt"),
+    ("stage_1/reliability/step_000003/a.jpg", "stage_1/reliability/step_000003/a.jpg"),
+    ("stage_1/reliability/photos/a.jpg", "stage_1/reliability/photos")])
 def test_overwrite_refuses_and_names_a_file_kssl_did_not_write(tmp_path, foreign, named):
     run = str(tmp_path / "run")
     fake_run(run)

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kssl import config, models, optimizers, training
+from kssl import config, evaluation, models, optimizers, training
 from kssl.augment import randaugment
 from kssl.data import pipeline, transforms
 from kssl.data.examples import IGNORE_LABEL, Examples
@@ -410,3 +411,94 @@ def test_a_confidence_threshold_stores_the_ignore_label_below_it(tmp_path):
         np.testing.assert_array_equal(stored, expected[k])
     assert report["unlabelled_kept_share"] == pytest.approx(np.mean(expected != 255))
     assert 0.3 < report["unlabelled_kept_share"] < 0.7
+
+
+# -- ST++'s reliable-image selection -----------------------------------------------------
+RELIABLE = TINY_SHAPES_CONFIG + """
+train.method = @ThreeStage
+train.steps = 2
+train.steps_per_epoch = 2
+stage_1/train.steps = 4
+stage_1/optimizer.learning_rate = 0.1
+pipeline.unlabelled_batch_size = 4
+ThreeStage.backbone_lr_multiplier = 1.0
+ThreeStage.seed = 0
+ThreeStage.reliable_share = 0.5
+"""
+
+
+def stage_1_predictions(stage_1, ids):
+    """{id: argmax of stage 1's final network} and {id: ground truth}, at full size."""
+    from kssl.cli.common import load_inference_network, load_run
+
+    reader, _ = load_run(stage_1)
+    network = load_inference_network(stage_1, reader.info.num_classes)
+    examples = reader.examples("train")
+    rows = list(reader.load(examples.select(list(ids))).as_numpy_iterator())
+    logits = network(np.stack([row["image"] for row in rows]).astype(np.float32))
+    predicted = np.argmax(logits, -1).astype(np.uint8)
+    ids = [row["id"].decode() for row in rows]
+    return dict(zip(ids, predicted)), {i: row["mask"] for i, row in zip(ids, rows)}
+
+
+def masks_mean_iou(predicted, truth):
+    return mean_iou_from_confusion(sum(
+        evaluation.confusion_from_labels(truth[i], predicted[i], 7) for i in predicted))
+
+
+def test_reliable_share_blanks_stage_1_masks_of_the_unstable_images(tmp_path, capsys):
+    from kssl import run_files
+    from kssl.methods.pseudo_label_controls import select_reliable, stability_scores
+
+    workdir = str(tmp_path / "run")
+    config.parse([], [RELIABLE])
+    training.train(workdir)
+    stage_1 = os.path.join(workdir, "stage_1")
+    snapshots = [PseudoMaskStore(os.path.join(stage_1, "reliability", f"step_{step:06d}"))
+                 for step in (1, 2)]  # 4 steps, K = 3: after 4 // 3 and 8 // 3 steps
+    unlabelled = snapshots[0].ids
+    assert len(unlabelled) == 16 and all(s.complete for s in snapshots)
+    predicted, truth = stage_1_predictions(stage_1, PseudoMaskStore(
+        os.path.join(stage_1, "pseudo_masks")).ids)
+
+    def expected_selection(stores):
+        scores = stability_scores(np.stack([predicted[i] for i in unlabelled]),
+                                  [np.stack([s.load(i) for i in unlabelled]) for s in stores], 7)
+        assert len(set(np.round(scores, 6))) > 4  # a test of the scores, not of pool order
+        return select_reliable(unlabelled, scores, 0.5)
+
+    def check_stage_1(kept, dropped, steps):
+        stored = PseudoMaskStore(os.path.join(stage_1, "pseudo_masks"))
+        for i in stored.ids:
+            expected = (np.full_like(predicted[i], IGNORE_LABEL) if i in dropped
+                        else predicted[i])  # labelled images keep their masks
+            np.testing.assert_array_equal(stored.load(i), expected, err_msg=i)
+        with open(os.path.join(stage_1, "metrics.json")) as f:
+            report = json.load(f)["pseudo_masks"]
+        assert report["reliable_share"] == 0.5
+        assert report["reliability_snapshot_steps"] == steps
+        assert report["reliable_images"] == len(kept) == 8
+        assert report["unlabelled_dropped_images"] == len(dropped) == 8
+        assert report["labelled_dropped_images"] == 0
+        assert report["unlabelled_mean_iou"] == pytest.approx(
+            masks_mean_iou({i: predicted[i] for i in kept}, truth))
+        assert report["unlabelled_dropped_mean_iou"] == pytest.approx(
+            masks_mean_iou({i: predicted[i] for i in dropped}, truth))
+
+    kept, dropped = expected_selection(snapshots)
+    check_stage_1(kept, dropped, [1, 2])
+    # Stage 2's teacher labels every image for stage 3: no all-ignore mask there.
+    stage_2 = PseudoMaskStore(os.path.join(workdir, "stage_2", "pseudo_masks"))
+    assert all((stage_2.load(i) != IGNORE_LABEL).any() for i in stage_2.ids)
+    assert run_files.foreign_files(workdir) == []  # --overwrite may clear the snapshots
+
+    # A stage 1 resumed without a snapshot scores against the others, and says so.
+    shutil.rmtree(snapshots[0].directory)
+    shutil.rmtree(os.path.join(stage_1, "pseudo_masks"))
+    os.remove(os.path.join(stage_1, "metrics.json"))
+    capsys.readouterr()
+    config.parse([], [RELIABLE])
+    training.train(workdir)
+    assert "no prediction snapshot of step(s) [1]" in capsys.readouterr().out
+    kept, dropped = expected_selection(snapshots[1:])
+    check_stage_1(kept, dropped, [2])

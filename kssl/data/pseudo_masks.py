@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 import keras
 import numpy as np
@@ -29,6 +29,7 @@ from kssl.data import transforms
 from kssl.constants import IGNORE_LABEL, PSEUDO_MASK_KEY
 from kssl.data.examples import Examples
 from kssl.data.readers.base import DataError, Reader
+from kssl.methods import pseudo_label_controls
 
 INDEX = "index.json"
 KEY = PSEUDO_MASK_KEY  # the example key the pipeline attaches a stored mask under
@@ -40,6 +41,7 @@ class PseudoMaskStore:
     def __init__(self, directory: str):
         self.directory = directory
         self._index = None
+        self._files = None
 
     @property
     def complete(self) -> bool:
@@ -60,6 +62,14 @@ class PseudoMaskStore:
     @property
     def ids(self) -> list:
         return list(self.index["ids"])
+
+    def load(self, example_id: str) -> np.ndarray:
+        """The stored mask of `example_id`, uint8 [H, W]."""
+        index = self.index
+        if self._files is None:
+            self._files = dict(zip(index["ids"], index["files"]))
+        path = os.path.join(self.directory, self._files[example_id])
+        return tf.io.decode_png(tf.io.read_file(path), channels=1)[..., 0].numpy()
 
     def check_matches(self, num_classes: int, resize) -> None:
         """Fails when the set was made for another class count or training resolution."""
@@ -118,11 +128,40 @@ def _same_size_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
                               window_size=batch_size)
 
 
+def _label_function(network: keras.Model, confidence_threshold: Optional[float] = None):
+    """images -> the argmax of `network`, with the ignore label where the softmax
+    confidence is below `confidence_threshold` (if given)."""
+    def labels_of(images):
+        probs = tf.nn.softmax(tf.cast(network(images, training=False), tf.float32))
+        labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        if confidence_threshold is None:
+            return labels
+        return tf.where(tf.reduce_max(probs, -1) >= confidence_threshold, labels,
+                        IGNORE_LABEL)
+
+    return tf.function(labels_of, reduce_retracing=True)
+
+
+def _predicted_batches(predict, reader: Reader, examples: Examples, resize, batch_size,
+                       with_masks: bool = False):
+    """(ids, labels uint8 [B, H, W], ground truth [B, H, W] or None) per batch of
+    `examples`, loaded at the training pipeline's resolution."""
+    ds = reader.load(examples, with_masks=with_masks)
+    if resize is not None:
+        ds = ds.map(lambda e: transforms.resize(e, resize), num_parallel_calls=tf.data.AUTOTUNE)
+    for batch in _same_size_batches(ds, batch_size).prefetch(tf.data.AUTOTUNE):
+        labels = predict(tf.cast(batch["image"], tf.float32)).numpy().astype(np.uint8)
+        ids = [example_id.decode() for example_id in batch["id"].numpy()]
+        yield ids, labels, batch["mask"].numpy() if with_masks else None
+
+
 def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                        pools: Sequence[tuple], num_classes: int,
                        resize: Optional[Sequence[int]] = None, batch_size: int = 8,
                        progress: bool = True,
-                       confidence_threshold: Optional[float] = None) -> dict:
+                       confidence_threshold: Optional[float] = None,
+                       dropped_ids: Optional[Collection[str]] = None,
+                       notes: Optional[dict] = None) -> dict:
     """Predicts and stores the argmax of `network` on every example of `pools`.
 
     Args:
@@ -135,10 +174,16 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
       confidence_threshold: store the ignore label (255) where the network's softmax
         confidence is below this, so self-training learns only the confident pixels
         (None: every pixel keeps its argmax, as the three-stage paper).
+      dropped_ids: examples whose masks are stored all-ignore, so the next stage learns
+        nothing from them (e.g. the images ST++'s selection finds unreliable).
+      notes: entries the report starts from (stored with the scores in the index).
     Returns {"<name>_mean_iou": ..., "<name>_pixel_accuracy": ...,
     "<name>_confusion_matrix": ..., "<name>_kept_share": ...} for each scored pool
-    (pseudo-mask against ground truth at the stored resolution, over the kept pixels;
-    matrix rows are the true class; the share of pixels kept) and "num_masks".
+    (the stored pseudo-masks against ground truth at the stored resolution, over the kept
+    pixels; matrix rows are the true class; the share of pixels kept) and "num_masks".
+    With `dropped_ids`, also "<name>_dropped_images" per pool and, for a scored pool with
+    dropped images, "<name>_dropped_mean_iou" and "<name>_dropped_pixel_accuracy": the
+    masks they would have had (its "<name>_mean_iou" then covers the kept images).
     """
     if num_classes > 255:
         raise ValueError(f"pseudo-masks are stored as 8-bit class ids (255 = ignore); "
@@ -150,39 +195,33 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
     if os.path.exists(partial):
         shutil.rmtree(partial)
     os.makedirs(partial)
-    def labels_of(images):
-        probs = tf.nn.softmax(tf.cast(network(images, training=False), tf.float32))
-        labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        if confidence_threshold is None:
-            return labels
-        return tf.where(tf.reduce_max(probs, -1) >= confidence_threshold, labels,
-                        IGNORE_LABEL)
-
-    predict = tf.function(labels_of, reduce_retracing=True)
+    predict = _label_function(network, confidence_threshold)
+    dropped_ids = None if dropped_ids is None else set(dropped_ids)
     total = sum(len(examples) for _, examples in pools)
     bar = evaluation.progress_bar(total, unit_name="image") if progress else None
-    ids, files, report = [], [], {}
+    ids, files, report = [], [], dict(notes or {})
     for name, examples in pools:
         scored = examples.has_masks
-        ds = reader.load(examples, with_masks=scored)
-        if resize is not None:
-            ds = ds.map(lambda e: transforms.resize(e, resize),
-                        num_parallel_calls=tf.data.AUTOTUNE)
         confusion = np.zeros((num_classes, num_classes), np.int64)
-        kept = pixels = 0
-        for batch in _same_size_batches(ds, batch_size).prefetch(tf.data.AUTOTUNE):
-            labels = predict(tf.cast(batch["image"], tf.float32)).numpy().astype(np.uint8)
-            kept += int(np.sum(labels != IGNORE_LABEL))
-            pixels += labels.size
-            for k, example_id in enumerate(batch["id"].numpy()):
+        dropped_confusion = np.zeros_like(confusion)
+        kept = pixels = dropped = 0
+        for batch_ids, labels, truth in _predicted_batches(predict, reader, examples, resize,
+                                                           batch_size, with_masks=scored):
+            drop = np.array([dropped_ids is not None and i in dropped_ids for i in batch_ids])
+            stored = np.where(drop[:, None, None], np.uint8(IGNORE_LABEL), labels)
+            dropped += int(drop.sum())
+            kept += int(np.sum(stored != IGNORE_LABEL))
+            pixels += stored.size
+            for mask, example_id in zip(stored, batch_ids):
                 file_name = f"{len(ids):06d}.png"
-                png = tf.io.encode_png(labels[k][..., None])
-                tf.io.write_file(os.path.join(partial, file_name), png)
-                ids.append(example_id.decode())
+                tf.io.write_file(os.path.join(partial, file_name),
+                                 tf.io.encode_png(mask[..., None]))
+                ids.append(example_id)
                 files.append(file_name)
-            if scored:
-                confusion += evaluation.confusion_from_labels(batch["mask"].numpy(), labels,
-                                                              num_classes)
+            if scored:  # all-ignore masks count no pixel
+                confusion += evaluation.confusion_from_labels(truth, stored, num_classes)
+                dropped_confusion += evaluation.confusion_from_labels(
+                    truth[drop], labels[drop], num_classes)
             if bar is not None:
                 bar.add(len(labels))
         if scored:
@@ -191,6 +230,13 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                 confusion)
             report[f"{name}_confusion_matrix"] = confusion.tolist()
             report[f"{name}_kept_share"] = kept / max(pixels, 1)
+        if dropped_ids is not None:
+            report[f"{name}_dropped_images"] = dropped
+            if scored and dropped:
+                report[f"{name}_dropped_mean_iou"] = evaluation.mean_iou_from_confusion(
+                    dropped_confusion)
+                report[f"{name}_dropped_pixel_accuracy"] = (
+                    evaluation.pixel_accuracy_from_confusion(dropped_confusion))
     report["num_masks"] = len(ids)
     with open(os.path.join(partial, INDEX), "w") as f:
         json.dump({"ids": ids, "files": files, "num_classes": num_classes,
@@ -199,3 +245,20 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
         shutil.rmtree(directory)
     os.replace(partial, directory)
     return report
+
+
+def stability_against(snapshots: Sequence[PseudoMaskStore], network: keras.Model,
+                      reader: Reader, examples: Examples, num_classes: int,
+                      resize: Optional[Sequence[int]] = None, batch_size: int = 8) -> tuple:
+    """ST++'s reliability of each of `examples`: (ids, scores), the mean IoU between the
+    argmax of `network` (the final checkpoint) and the masks each of `snapshots` (earlier
+    checkpoints' argmax) stores, averaged over the snapshots (see
+    `pseudo_label_controls.stability_scores`; no snapshot scores every image 0)."""
+    predict = _label_function(network)
+    ids, scores = [], []
+    for batch_ids, labels, _ in _predicted_batches(predict, reader, examples, resize,
+                                                   batch_size):
+        earlier = [np.stack([store.load(i) for i in batch_ids]) for store in snapshots]
+        scores.extend(pseudo_label_controls.stability_scores(labels, earlier, num_classes))
+        ids.extend(batch_ids)
+    return ids, np.asarray(scores, np.float64)

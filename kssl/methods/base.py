@@ -83,6 +83,13 @@ class SegmentationMethod(keras.Model):
     """Staged methods: the confidence below which a stored pseudo-mask pixel becomes the
     ignore label (None keeps every pixel); see `kssl.data.pseudo_masks`."""
 
+    reliable_share = None
+    """Staged methods: ST++'s reliable-image selection of the first stage's pseudo-masks
+    (None: off; see `ThreeStage.reliable_share` and `kssl.training.ReliableSelection`)."""
+
+    reliable_checkpoints = 3
+    """Staged methods: the checkpoints that selection compares, the final one included."""
+
     @classmethod
     def uses_unlabelled_in(cls, stage: int) -> bool:
         """Staged methods: whether stage `stage` reads a second sub-batch (drawn from all

@@ -18,8 +18,9 @@ default, so a paper config keeps its paper behaviour):
 - `class_aware_scores`: ClassMix's class choice and similar draws favour the classes the
   teacher is least confident on (AEL's adaptive copy-paste), as a weighted draw without
   replacement.
-- `stability_scores`, `reliable_order`: ST++'s reliable-image selection (Yang et al. 2022):
-  an unlabelled image whose predictions agree across training checkpoints is reliable.
+- `stability_scores`, `reliable_order`, `select_reliable`: ST++'s reliable-image selection
+  (Yang et al. 2022): an unlabelled image whose predictions agree across training
+  checkpoints is reliable (`ThreeStage.reliable_share`).
 
 Every running state is updated from sums over the global batch (all-reduced) and written
 with `replicated_state.assign_identical`, so it is the same on every replica; it lives in
@@ -211,3 +212,11 @@ def reliable_order(ids: Sequence[str], scores: Sequence[float]) -> list:
     """`ids` from most to least reliable (ties kept in the given order)."""
     order = sorted(range(len(ids)), key=lambda k: -scores[k])
     return [ids[k] for k in order]
+
+
+def select_reliable(ids: Sequence[str], scores: Sequence[float], share: float) -> tuple:
+    """(kept, dropped): the first floor(share * N) of `ids` in `reliable_order`, then the
+    rest (ST++ keeps the first N // 2 for a share of one half)."""
+    order = reliable_order(ids, scores)
+    count = int(np.floor(share * len(order) + 1e-9))  # 0.29 * 100 is 28.999...
+    return order[:count], order[count:]

@@ -5,7 +5,8 @@ Each stage trains a freshly initialised network; only pseudo-masks pass between 
 (`kssl.training` runs the stages and writes the masks, `kssl.data.pseudo_masks` stores them):
 
 - stage 1: supervised training on the labelled images; its network then labels every
-  training image (the first pseudo-masks);
+  training image (the first pseudo-masks; with `reliable_share`, ST++'s selection, only
+  the most stable unlabelled images keep theirs);
 - stage 2: a mean teacher plus an auxiliary branch with its own half-width copy of the last
   backbone block and its own head, which learns the stored pseudo-masks; the teacher's main
   branch then writes the second pseudo-masks;
@@ -74,6 +75,17 @@ class ThreeStage(SegmentationMethod):
         pseudo-masks keep a pixel's class only where the writing network's softmax
         confidence reaches this, and the ignore label elsewhere (None: every pixel, as
         the paper and the released code).
+      reliable_share: ST++'s reliable-image selection (Yang et al., CVPR 2022), off by
+        default (None: every image's pseudo-mask is kept, as the paper and the released
+        code). With a share s, stage 1 records its network's argmax on the unlabelled
+        images at `reliable_checkpoints` - 1 evenly spaced steps, scores each image by the
+        mean over those of the mean IoU with its final argmax, and stores all-ignore
+        pseudo-masks for all but the s most stable images (labelled images keep theirs):
+        stage 2's pseudo-mask loss learns from the reliable images only, and stage 2's
+        teacher then labels every image for stage 3 (ST++'s relabelling with the improved
+        model). Combines with `pseudo_mask_threshold`, which filters the kept masks.
+      reliable_checkpoints: K, the checkpoints ST++ compares, the final one included (3,
+        as ST++'s released code).
       backbone_lr_multiplier: learning-rate factor of the backbone blocks shared with the
         pretrained network (0.1, the released code); new layers (heads, the branch) train
         at the full rate. Use 1.0 for a backbone trained from scratch.
@@ -91,8 +103,9 @@ class ThreeStage(SegmentationMethod):
                  branch_width: float = 0.5, placeholder_class: bool = True,
                  pseudo_masks_from: str = "teacher", inference: str = "teacher",
                  backbone_lr_multiplier: float = 0.1,
-                 pseudo_mask_threshold: Optional[float] = None, seed: Optional[int] = None,
-                 **kwargs):
+                 pseudo_mask_threshold: Optional[float] = None,
+                 reliable_share: Optional[float] = None, reliable_checkpoints: int = 3,
+                 seed: Optional[int] = None, **kwargs):
         if stage not in (1, 2, 3):
             raise ValueError(f"ThreeStage stage must be 1, 2 or 3, got {stage!r}")
         for name, value in [("pseudo_masks_from", pseudo_masks_from),
@@ -114,6 +127,16 @@ class ThreeStage(SegmentationMethod):
             raise ValueError(f"ThreeStage pseudo_mask_threshold must be in [0, 1] or None, "
                              f"got {pseudo_mask_threshold!r}")
         self.pseudo_mask_threshold = pseudo_mask_threshold
+        if reliable_share is not None and not 0.0 < reliable_share <= 1.0:
+            raise ValueError(f"ThreeStage reliable_share must be in (0, 1] or None, "
+                             f"got {reliable_share!r}")
+        if isinstance(reliable_checkpoints, bool) or not isinstance(
+                reliable_checkpoints, int) or reliable_checkpoints < 2:
+            raise ValueError(f"ThreeStage reliable_checkpoints must be an integer >= 2 (the "
+                             f"final checkpoint and an earlier one), got "
+                             f"{reliable_checkpoints!r}")
+        self.reliable_share = reliable_share
+        self.reliable_checkpoints = reliable_checkpoints
         self.inference = inference
         self.backbone_lr_multiplier = backbone_lr_multiplier
         self.seed = random.randrange(2**31) if seed is None else int(seed)
