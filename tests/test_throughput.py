@@ -141,3 +141,26 @@ def test_step_flops_match_the_convolutions_by_hand():
     activations = pixels * (4 + 3)
     assert 3 * convolutions <= flops.total <= 3 * convolutions + 40 * activations
     assert flops.total - flops.backward >= convolutions
+
+
+def test_gradients_of_a_dilated_convolution_cost_what_its_forward_pass_costs():
+    # A 3x3 convolution 3 -> 8 at dilation 2 ("same" padding) on 2 images of 8x8, then a
+    # 1x1 classifier 8 -> 3. TF runs the dilated convolution in space-to-batch form: a
+    # "valid" convolution of 3x3 blocks to 1x1, whose gradients TF's own statistic counts
+    # at the blocks' 3x3 size, nine times too many.
+    import keras
+    from kssl.methods import Supervised
+
+    keras.utils.set_random_seed(0)
+    network = keras.Sequential([
+        keras.Input((None, None, 3)),
+        keras.layers.Conv2D(8, 3, dilation_rate=2, padding="same", activation="relu"),
+        keras.layers.Conv2D(3, 1)])
+    model = Supervised(network, 3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    batch = {"image": tf.zeros([2, 8, 8, 3]), "mask": tf.zeros([2, 8, 8], tf.uint8)}
+    flops = throughput.count_step_flops(model, batch)
+    convolutions = 2 * (2 * 8 * 8) * (3 * 3 * 3 * 8 + 8 * 3)
+    small = 40 * 2 * 8 * 8 * (8 + 3)  # element-wise work, a few dozen FLOPs a value
+    assert 2 * convolutions <= flops.backward <= 2 * convolutions + small
+    assert convolutions <= flops.total - flops.backward <= convolutions + small
