@@ -7,7 +7,8 @@ in BENCHMARKS.md are always pasted by the tool that measured them, never by hand
 
 `--pipeline_only` trains nothing to the end: it times the config's input pipeline alone,
 the training step on it and the step on one fixed batch (`kssl.throughput`), says which
-limits, and records a row of a different table (default table name: `pipeline`).
+limits, counts the step's FLOPs, and records a row of a different table (default table
+name: `step-cost`; the older `pipeline` table of BENCHMARKS.md has no FLOP columns).
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def pipeline_main(command: str) -> None:
     """`--pipeline_only`: the three rates of the parsed config, and its row."""
     from kssl import config, throughput
 
-    table = FLAGS.table or "pipeline"
+    table = FLAGS.table or "step-cost"
     if FLAGS.record:
         check_pipeline_table(FLAGS.record, table)
     if FLAGS.steps < 1:
