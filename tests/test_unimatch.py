@@ -1,5 +1,6 @@
-"""UniMatch and FixMatch: CutMix boxes and mixing, loss terms, the feature perturbation,
-the unlabelled pipeline's views and padding, distribution, and a resumed driver run."""
+"""UniMatch and FixMatch: CutMix boxes and mixing, loss terms, the pseudo-label controls,
+the feature perturbation, the unlabelled pipeline's views and padding, distribution, and a
+resumed driver run."""
 
 
 import keras
@@ -17,8 +18,8 @@ from kssl.data.readers.shapes import Shapes
 from kssl.methods import FixMatch, UniMatch
 from kssl.models.segmenter import Block, Segmenter
 from tiny import (NUM_CLASSES, crash_and_resume, eager_steps, log_softmax,
-                  pixel_cross_entropy, random_batches, run_method_test, tiny_run_config,
-                  tiny_segmenter)
+                  pixel_cross_entropy, random_batches, run_method_test, softmax,
+                  tiny_run_config, tiny_segmenter)
 
 
 # -- a network whose logits numpy can compute -----------------------------------------------
@@ -153,28 +154,86 @@ def test_strong_view_ops_per_image():
 
 
 # -- loss terms -----------------------------------------------------------------------------
-def test_unlabelled_loss_threshold_edge_and_ignore_pixels():
-    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.95, seed=0)
+def test_unlabelled_loss_counts_admitted_pixels_over_counted_ones():
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, seed=0)
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(1, 2, 3, NUM_CLASSES)).astype(np.float32)
     labels = np.array([[[0, 1, 2], [2, 1, 0]]], np.int32)
-    tau = np.float32(0.95)
-    below = np.nextafter(tau, np.float32(0))
-    confidence = np.array([[[tau, below, 0.99], [1.0, tau, 0.2]]], np.float32)
+    admitted = np.array([[[True, False, True], [True, True, False]]])
     counted = np.array([[[True, True, True], [False, True, True]]])
-    got = model.unlabelled_loss(logits, labels, confidence, counted).numpy()
+    got = model.unlabelled_loss(logits, labels, admitted, counted).numpy()
     ce = pixel_cross_entropy(logits, labels)
-    # Confident (>=) and counted: pixels (0,0), (0,2), (1,1); the padded (1,0) is neither
-    # in the sum nor in the count, which holds the 5 counted pixels, confident or not.
+    # Admitted and counted: pixels (0,0), (0,2), (1,1); the padded (1,0) is neither in the
+    # sum nor in the count, which holds the 5 counted pixels, admitted or not.
     want = (ce[0, 0, 0] + ce[0, 0, 2] + ce[0, 1, 1]) / 5
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("thresholds", ["fixed", "class_adaptive"])
+def test_a_pixel_is_admitted_at_its_own_class_threshold(thresholds):
+    """For each class c, one pixel whose probability of c is exactly c's threshold
+    (admitted: >=) and one just below it (not), the other classes far below."""
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.95,
+                     thresholds=thresholds, seed=0)
+    per_class = np.full(NUM_CLASSES, np.float32(0.95))
+    if thresholds == "class_adaptive":
+        bank = np.array([0.9, 0.45, 0.6], np.float32)
+        model.class_confidence.confidence.assign(bank)
+        per_class = np.float32(0.95) * bank / bank.max()  # 0.95, 0.475, 0.633
+    probs = np.full((1, 2, NUM_CLASSES, NUM_CLASSES), 0.01, np.float32)
+    for c in range(NUM_CLASSES):
+        probs[0, 0, c, c] = per_class[c]
+        probs[0, 1, c, c] = np.nextafter(per_class[c], np.float32(0))
+    labels, admitted = (t.numpy() for t in model.targets(tf.constant(probs)))
+    np.testing.assert_array_equal(labels, np.broadcast_to(np.arange(NUM_CLASSES), (1, 2, 3)))
+    np.testing.assert_array_equal(admitted, [[[True] * 3, [False] * 3]])
+
+
+# -- pseudo-label controls: numpy references ------------------------------------------------
+PRIOR = np.array([0.6, 0.3, 0.1])
+# Both controls on, with fast-moving running state.
+CONTROLS = dict(thresholds="class_adaptive", distribution_alignment=True, control_decay=0.5,
+                class_prior=PRIOR)
+
+
+def numpy_align(probs, running):
+    """probs * prior / running, renormalised (float64)."""
+    aligned = np.asarray(probs, np.float64) * PRIOR / running
+    return aligned / aligned.sum(-1, keepdims=True)
+
+
+def numpy_update(state, probs, counted, decay=0.5):
+    """The controls' state after a batch, as written: the counted pixels' mean
+    probabilities fold into the running distribution, then their aligned confidences, per
+    aligned argmax class, into the class confidence. Returns (running, confidence)."""
+    running, bank = (np.array(s, np.float64) for s in state)
+    pixels = np.asarray(probs, np.float64)[counted]
+    running = decay * running + (1 - decay) * pixels.mean(0)
+    aligned = numpy_align(pixels, running)
+    labels, confidence = aligned.argmax(-1), aligned.max(-1)
+    for c in range(NUM_CLASSES):
+        if (labels == c).any():
+            bank[c] = decay * bank[c] + (1 - decay) * confidence[labels == c].mean()
+    return running, bank
+
+
+def numpy_targets(probs, state, base):
+    """(labels, admitted, margin to the own class's threshold) under `state`."""
+    running, bank = state
+    aligned = numpy_align(probs, running)
+    labels, confidence = aligned.argmax(-1), aligned.max(-1)
+    margin = confidence - (base * bank / bank.max())[labels]
+    return labels, margin >= 0, margin
+
+
 @pytest.mark.parametrize("variant", ["unimatch", "fixmatch"])
-def test_step_losses_match_a_hand_computation(variant):
+@pytest.mark.parametrize("controls", [False, True], ids=["fixed", "controls"])
+def test_step_losses_match_a_hand_computation(variant, controls):
     """One step at learning rate 0 of a per-pixel linear network: every term and the total
     from numpy logits, with padding in both batches, a box in every view, and a threshold
-    between the confidences."""
+    between the confidences. With the controls: their state folds in the weak view's
+    counted pixels once, and the weak and the partners' targets are aligned and admitted
+    with the state just updated."""
     net, kernel, bias = linear_segmenter()
     rng = np.random.default_rng(4)
     size = (6, 7)
@@ -196,29 +255,52 @@ def test_step_losses_match_a_hand_computation(variant):
     partner_probs = np.exp(log_softmax(logits_of(partner)))
     partner_labels, partner_confidence = partner_probs.argmax(-1), partner_probs.max(-1)
     tau = float(np.median(np.concatenate([confidence.ravel(), partner_confidence.ravel()])))
+    admitted = confidence >= np.float32(tau)
+    partner_admitted = partner_confidence >= np.float32(tau)
 
     model = UniMatch(net, NUM_CLASSES, variant=variant, confidence_threshold=tau,
-                     strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2)
+                     strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2,
+                     **(CONTROLS if controls else {}))
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     boxes = [b.numpy() > 0 for b in model.mixed_views(tf.constant(weak),
                                                       tf.constant(partner), 0)[0]]
     logs = eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])[0]
+    if controls:
+        start = (PRIOR, np.ones(NUM_CLASSES))
+        state = numpy_update(start, probs, counted)
+        np.testing.assert_allclose(model.alignment.running.numpy(), state[0], rtol=1e-5)
+        np.testing.assert_allclose(model.class_confidence.confidence.numpy(), state[1],
+                                   rtol=1e-5)
+        # The padded pixels are left out of the state.
+        assert not np.allclose(numpy_update(start, probs, np.ones_like(counted))[1], state[1])
+        plain = (labels, admitted, partner_labels, partner_admitted)
+        labels, admitted, margin = numpy_targets(probs, state, tau)
+        partner_labels, partner_admitted, partner_margin = numpy_targets(partner_probs,
+                                                                         state, tau)
+        assert min(np.abs(margin).min(), np.abs(partner_margin).min()) > 1e-5  # no near-ties
+        # The controls changed the pseudo-labels and the admission, the partners' too ...
+        for before, after in zip(plain, (labels, admitted, partner_labels, partner_admitted)):
+            assert (before != after).any()
+        # ... and the partners' targets under the state before the step differ from those
+        # under the state just updated inside a box (the step takes the latter).
+        stale = numpy_targets(partner_probs, start, tau)[1]
+        assert any((stale != partner_admitted)[box].any() for box in boxes)
 
-    def term(logits, lab, conf, count):
-        kept = (conf >= np.float32(tau)) * count
+    def term(logits, lab, admit, count):
+        kept = admit * count
         return (pixel_cross_entropy(logits, lab) * kept).sum() / count.sum()
 
     valid = labelled["mask"] != IGNORE_LABEL
     supervised = pixel_cross_entropy(logits_of(labelled["image"]), labelled["mask"])[valid].mean()
     strong = [term(logits_of(np.where(box[..., None], partner, weak)),
                    np.where(box, partner_labels, labels),
-                   np.where(box, partner_confidence, confidence),
+                   np.where(box, partner_admitted, admitted),
                    np.where(box, partner_counted, counted)) for box in boxes]
     assert len(strong) == (1 if variant == "fixmatch" else 2)
     assert all(s > 0 for s in strong) and boxes[0].any()
     np.testing.assert_allclose(logs["supervised_loss"], supervised, rtol=1e-5)
     np.testing.assert_allclose(logs["strong_loss"], np.mean(strong), rtol=1e-5)
-    share = ((confidence >= np.float32(tau)) & counted).sum() / counted.sum()
+    share = (admitted & counted).sum() / counted.sum()
     np.testing.assert_allclose(logs["confident_share"], share, rtol=1e-6)
     if variant == "fixmatch":
         assert "fp_loss" not in logs
@@ -227,7 +309,7 @@ def test_step_losses_match_a_hand_computation(variant):
     # The perturbed pass: the linear head on the channel-dropped weak features.
     both = np.concatenate([labelled["image"], weak])
     dropped = model.perturbed_features({"stem": tf.constant(both)}, 2, 0)["stem"].numpy()
-    fp = term(logits_of(dropped[-2:]), labels, confidence, counted)
+    fp = term(logits_of(dropped[-2:]), labels, admitted, counted)
     np.testing.assert_allclose(logs["fp_loss"], fp, rtol=1e-5)
     want = (supervised + 0.25 * strong[0] + 0.25 * strong[1] + 0.5 * fp) / 2
     np.testing.assert_allclose(logs["loss"], want, rtol=1e-5)
@@ -243,6 +325,42 @@ def test_pseudo_label_targets_for_the_monitor():
     (labels, admitted), = model.pseudo_label_targets(tf.constant(images)).values()
     np.testing.assert_array_equal(labels.numpy(), probs.argmax(-1))
     np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) >= np.float32(tau))
+
+
+def test_pseudo_label_targets_read_the_stored_controls_without_updating_them():
+    net, kernel, bias = linear_segmenter()
+    model = FixMatch(net, NUM_CLASSES, confidence_threshold=0.8, seed=0, **CONTROLS)
+    running, bank = np.array([0.2, 0.3, 0.5]), np.array([0.9, 0.5, 0.7])
+    model.alignment.running.assign(running)
+    model.class_confidence.confidence.assign(bank)
+    images = np.random.default_rng(9).uniform(0, 255, (2, 6, 5, 3)).astype(np.float32)
+    probs = softmax((images @ kernel + bias).astype(np.float64))
+    labels, admitted, margin = numpy_targets(probs, (running, bank), 0.8)
+    assert np.abs(margin).min() > 1e-5 and 0 < admitted.sum() < admitted.size
+    assert (labels != probs.argmax(-1)).any()  # the alignment mattered
+    (got_labels, got_admitted), = model.pseudo_label_targets(tf.constant(images)).values()
+    np.testing.assert_array_equal(got_labels.numpy(), labels)
+    np.testing.assert_array_equal(got_admitted.numpy(), admitted)
+    np.testing.assert_allclose(model.alignment.running.numpy(), running, rtol=1e-6)
+    np.testing.assert_allclose(model.class_confidence.confidence.numpy(), bank, rtol=1e-6)
+
+
+def test_controls_are_off_by_default_and_bad_settings_refused():
+    plain = UniMatch(linear_segmenter()[0], NUM_CLASSES)
+    assert plain.class_confidence is None and plain.alignment is None
+    controlled = UniMatch(linear_segmenter()[0], NUM_CLASSES, **CONTROLS)
+    # The released recipe's checkpoints keep their layout; the controls add their state.
+    state = controlled.class_confidence.weights + controlled.alignment.weights
+    assert len(state) == 3 and len(controlled.weights) == len(plain.weights) + 3
+    assert all(any(w is v for v in controlled.weights) for w in state)
+    assert FixMatch(tiny_segmenter(0), NUM_CLASSES, **CONTROLS).alignment is not None
+    with pytest.raises(ValueError, match="class_prior"):
+        UniMatch(linear_segmenter()[0], NUM_CLASSES, distribution_alignment=True)
+    with pytest.raises(ValueError, match="thresholds"):
+        UniMatch(linear_segmenter()[0], NUM_CLASSES, thresholds="adaptive")
+    with pytest.raises(ValueError, match="confidence_threshold"):  # 0 scales to 0
+        UniMatch(linear_segmenter()[0], NUM_CLASSES, confidence_threshold=0.0,
+                 thresholds="class_adaptive")
 
 
 def numpy_ohem(logits, labels, threshold, min_kept):
@@ -354,8 +472,11 @@ def replica_data():
 @pytest.mark.parametrize("options", [
     {},
     {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
-     "ohem_min_kept": 100}], ids=["unimatch", "fixmatch_batch_ohem"])
+     "ohem_min_kept": 100},
+    CONTROLS], ids=["unimatch", "fixmatch_batch_ohem", "unimatch_controls"])
 def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options):
+    """Also the controls' state: from the global batch's counted pixels (the padded rows
+    fall on the second replica), the same copy on each replica, saved and restored."""
     def make_method():
         keras.utils.set_random_seed(0)
         net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
@@ -364,10 +485,13 @@ def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options)
         return UniMatch(net, NUM_CLASSES, confidence_threshold=0.4, cutmix_probability=1.0,
                         seed=1, **options)
 
-    _, logs, _, _ = run_method_test(
+    single, logs, _, _ = run_method_test(
         make_method, [replica_data()] * 2, two_replicas, tmp_path,
         optimizer=lambda: keras.optimizers.SGD(0.05, momentum=0.9))
     assert 0 < logs["confident_share"][0] < 1 and logs["strong_loss"][0] > 0
+    if options is CONTROLS:  # the state moved (run_method_test compared and restored it)
+        assert not np.allclose(single.alignment.running.numpy(), PRIOR)
+        assert not np.allclose(single.class_confidence.confidence.numpy(), 1.0)
 
 
 TINY_CONFIG = tiny_run_config("UniMatch") + """

@@ -12,8 +12,9 @@ step, gives the pseudo-labels. A UniMatch step (the released `unimatch.py`), in 
    gives the feature-perturbed prediction;
 4. one training-mode pass over the two strong views together;
 5. pseudo-labels (argmax) and confidences (max softmax) from the detached weak prediction;
+   a pixel is admitted where its confidence is >= the threshold;
 6. each strong view's targets: the weak ones, and the partner's inside its box (labels,
-   confidences and padding alike);
+   admission and padding alike);
 7. loss = (L_x + 0.5 L_fp + 0.25 L_s1 + 0.25 L_s2) / 2, where every unlabelled term is
    sum(CE * [confidence >= threshold] * [not padding]) / count(not padding).
 
@@ -32,11 +33,13 @@ from kssl import losses, optimizers
 from kssl.augment import features as feature_ops
 from kssl.augment import mixing, seeds
 from kssl.augment.strong import ColorJitterGrayscaleBlur
+from kssl.methods import pseudo_label_controls as controls
 from kssl.methods.base import SegmentationMethod, unpack_batch
 
 VARIANTS = ("unimatch", "fixmatch")
 MIX_SOURCES = ("second_batch", "batch")
 SUPERVISED_CRITERIA = ("cross_entropy", "ohem")
+THRESHOLDS = ("fixed", "class_adaptive")
 
 # Random streams of one step (see kssl.augment.seeds.step_seed). Each strong view k has
 # its own stream _VIEW + k, inside which the images, the partners and the box draw apart.
@@ -89,6 +92,21 @@ class UniMatch(SegmentationMethod):
       backbone_lr_multiplier: learning-rate factor of the backbone blocks (the code trains
         the head at 10x the backbone's rate on VOC and COCO: set the head's rate as
         `optimizer.learning_rate` and 0.1 here; 1 on Cityscapes).
+      thresholds: "fixed" (`confidence_threshold` for every class; the code) or
+        "class_adaptive": per class, `confidence_threshold` scaled by the network's running
+        confidence on the weak pixels it assigns to that class over its most confident
+        class's (AEL's confidence bank with FreeMatch's normalisation), so a class the
+        network is unsure of is not starved of pseudo-labels by a dominant one. A pixel is
+        admitted where its confidence is >= the threshold of its own pseudo-label's class.
+      distribution_alignment: rescale the weak probabilities by the labelled class prior
+        over their running class distribution before the argmax and the confidence
+        (ReMixMatch; DARS for segmentation; needs `class_prior`, which the driver passes).
+      control_decay: decay of the running class confidence and class distribution of
+        those two controls (0.99). They are controls against confirmation bias (see
+        `pseudo_label_controls`), off by default: the released code. Their state is
+        updated once per step from the weak view's training-mode probabilities on the
+        counted (not padding) pixels of the unlabelled images, over the global batch; the
+        mix partners' targets use the state just updated (see `train_step`).
       seed: seeds the strong views, boxes and dropout, drawn statelessly per step and per
         global example index (so they do not depend on the number of replicas and repeat
         on resume); default: drawn from Python's `random` (`train.seed`).
@@ -104,11 +122,13 @@ class UniMatch(SegmentationMethod):
                  cutmix_area=(0.02, 0.4), cutmix_ratio=(0.3, 1 / 0.3),
                  supervised_criterion: str = "cross_entropy", ohem_threshold: float = 0.7,
                  ohem_min_kept: int = 100000, backbone_lr_multiplier: float = 1.0,
-                 seed: Optional[int] = None, **kwargs):
+                 thresholds: str = "fixed", distribution_alignment: bool = False,
+                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("variant", variant, VARIANTS),
                                      ("mix_source", mix_source, MIX_SOURCES),
                                      ("supervised_criterion", supervised_criterion,
-                                      SUPERVISED_CRITERIA)]:
+                                      SUPERVISED_CRITERIA),
+                                     ("thresholds", thresholds, THRESHOLDS)]:
             if value not in allowed:
                 raise ValueError(f"UniMatch {name} must be one of {allowed}, got {value!r}")
         fixmatch = variant == "fixmatch"
@@ -122,6 +142,10 @@ class UniMatch(SegmentationMethod):
         strong_views = (1 if fixmatch else 2) if strong_views is None else int(strong_views)
         if strong_views < 1:
             raise ValueError(f"strong_views must be at least 1, got {strong_views!r}")
+        if thresholds == "class_adaptive" and not confidence_threshold > 0:
+            raise ValueError("UniMatch thresholds='class_adaptive' scales confidence_threshold, "
+                             f"which is {confidence_threshold!r}: every class's threshold "
+                             "would stay 0")
         self.feature_perturbation = fp_weight > 0
         if self.feature_perturbation:
             missing = [a for a in ("features", "logits_from_features", "head_input_blocks")
@@ -152,6 +176,20 @@ class UniMatch(SegmentationMethod):
         self.backbone_lr_multiplier = backbone_lr_multiplier
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         self.build_networks()
+        # Pseudo-label controls (state in Keras weights: saved with the checkpoints; none
+        # when off, so the released recipe's checkpoints keep their layout).
+        self.thresholds = thresholds
+        self.class_confidence = None
+        if thresholds == "class_adaptive":
+            self.class_confidence = controls.ClassConfidence(num_classes, control_decay,
+                                                             name="class_confidence")
+        self.alignment = None
+        if distribution_alignment:
+            if self.class_prior is None:
+                raise ValueError("UniMatch distribution_alignment needs the labelled class "
+                                 "prior (class_prior)")
+            self.alignment = controls.DistributionAlignment(self.class_prior, control_decay,
+                                                            name="distribution_alignment")
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -164,13 +202,15 @@ class UniMatch(SegmentationMethod):
                                                     self.backbone_lr_multiplier)
 
     def pseudo_label_targets(self, images, labelled_images=None) -> dict:
-        """The network's argmax on the (weak) images, admitted where its confidence is >=
-        the threshold; every mixed target takes each pixel from one of these. Computed in
-        inference mode so that the monitor changes no batch-norm statistics (a step's
-        targets come from its training-mode pass)."""
+        """The network's argmax of its [aligned] probabilities on the (weak) images,
+        admitted where its confidence is >= the [class-adaptive] threshold; every mixed
+        target takes each pixel from one of these. Computed in inference mode and with the
+        controls' stored state, so that the monitor changes no batch-norm statistics and
+        no running state (a step's targets come from its training-mode pass)."""
         del labelled_images
-        labels, confidence = self.targets(self.segmenter(images, training=False))
-        return {"network": (labels, confidence >= self.confidence_threshold)}
+        labels, admitted = self.targets(
+            self.probabilities(self.segmenter(images, training=False)))
+        return {"network": (labels, admitted)}
 
     # -- pieces of a step -----------------------------------------------------------
     def split_unlabelled(self, unlabelled):
@@ -192,10 +232,44 @@ class UniMatch(SegmentationMethod):
                 "per replica (pipeline.unlabelled_views = 2 gives pairs of views)")
         return images[0::2], counted[0::2], images[1::2], counted[1::2]
 
-    def targets(self, logits):
-        """(pseudo-labels, confidences) of logits, without gradient."""
-        probs = tf.nn.softmax(tf.stop_gradient(tf.cast(logits, tf.float32)))
-        return tf.argmax(probs, axis=-1, output_type=tf.int32), tf.reduce_max(probs, axis=-1)
+    @staticmethod
+    def probabilities(logits):
+        """Softmax of logits in float32, without gradient."""
+        return tf.nn.softmax(tf.stop_gradient(tf.cast(logits, tf.float32)))
+
+    def update_controls(self, probs, counted) -> tuple:
+        """Folds the weak probabilities on the counted pixels into the running class
+        distribution, then (aligned) into the running class confidence, from global-batch
+        sums. Returns (running distribution, class confidence), each None when off."""
+        running = class_confidence = None
+        if self.alignment is not None:
+            running = self.alignment.updated(probs, counted)
+            probs = self.alignment.rescale(probs, running)
+        if self.class_confidence is not None:
+            class_confidence = self.class_confidence.updated(probs, counted)
+        return running, class_confidence
+
+    def targets(self, probs, state=(None, None)):
+        """(pseudo-labels, admitted) of `probabilities`: the argmax of the [aligned]
+        probabilities, admitted where their max is >= the [class-adaptive] threshold of
+        that class. `state`: (running distribution, class confidence) as `update_controls`
+        returns them; None reads the stored one (nothing is updated)."""
+        running, class_confidence = state
+        if self.alignment is not None:
+            probs = self.alignment.rescale(probs, running)
+        labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        confidence = tf.reduce_max(probs, axis=-1)
+        return labels, confidence >= self.pixel_thresholds(labels, class_confidence)
+
+    def pixel_thresholds(self, pseudo_labels, class_confidence=None):
+        """The confidence a pixel must reach: the fixed threshold, or its pseudo-label's
+        class-adaptive one from `class_confidence` (default: the stored one)."""
+        if self.class_confidence is None:
+            return self.confidence_threshold
+        if class_confidence is None:
+            class_confidence = self.class_confidence.confidence
+        per_class = controls.adaptive_thresholds(class_confidence, self.confidence_threshold)
+        return tf.gather(per_class, pseudo_labels)
 
     def strong(self, images, seed):
         """The strong photometric view of images (unchanged without strong_augment)."""
@@ -223,7 +297,7 @@ class UniMatch(SegmentationMethod):
 
     @staticmethod
     def mix_targets(box, own, partner) -> tuple:
-        """(labels, confidences, counted) of a view: `own` outside its box, `partner`'s
+        """(labels, admitted, counted) of a view: `own` outside its box, `partner`'s
         inside (the same box that mixed the images)."""
         return tuple(mixing.mix(box, theirs, mine) for mine, theirs in zip(own, partner))
 
@@ -272,13 +346,13 @@ class UniMatch(SegmentationMethod):
             logits, masks, self.ohem_threshold, tf.cast(images, tf.int32) * self.ohem_min_kept,
             self.ignore_label, class_weights=self.class_weights)
 
-    def unlabelled_loss(self, logits, labels, confidence, counted):
-        """sum(CE * [confidence >= threshold]) over counted pixels / global count of counted
-        pixels, confident or not (the code's normaliser)."""
-        confident = tf.cast(confidence >= self.confidence_threshold, tf.float32)
+    def unlabelled_loss(self, logits, labels, admitted, counted):
+        """sum(CE * admitted) over counted pixels / global count of counted pixels,
+        admitted or not (the code's normaliser). `admitted`: [confidence >= threshold],
+        decided before mixing, where each pixel's own threshold is known."""
         labels = tf.where(counted, labels, self.ignore_label)
         return losses.masked_cross_entropy(logits, labels, self.ignore_label,
-                                           pixel_weights=confident)
+                                           pixel_weights=tf.cast(admitted, tf.float32))
 
     # -- the step -------------------------------------------------------------------
     def train_step(self, data):
@@ -294,8 +368,7 @@ class UniMatch(SegmentationMethod):
         # 1. The partners of the second batch are predicted in inference mode (moving
         #    batch-norm statistics, nothing updated), without gradient.
         if self.mix_source == "second_batch":
-            partner_labels, partner_confidence = self.targets(
-                self.segmenter(partner_weak, training=False))
+            partner_logits = self.segmenter(partner_weak, training=False)
         # 2. Strong views of the images and of their partners; each view has its own box,
         #    inside which it shows the partner's view.
         boxes, views = self.mixed_views(weak, partner_weak, step)
@@ -309,14 +382,26 @@ class UniMatch(SegmentationMethod):
             strong_logits = tf.split(
                 tf.cast(self.segmenter(tf.concat(views, axis=0), training=True), tf.float32),
                 self.strong_views, axis=0)
-            # 5. Pseudo-labels and confidences from the detached weak prediction.
-            labels, confidence = self.targets(weak_logits)
+            # 5. Pseudo-labels and their admission from the detached weak prediction, after
+            #    the optional controls fold its counted pixels into their running state.
+            #    The second batch's partners take the state just updated too: the same
+            #    thresholds and alignment as the weak targets they are mixed with (as with
+            #    mix_source="batch", whose partners are those weak targets), computed from
+            #    global sums, hence the same on every replica.
+            weak_probs = self.probabilities(weak_logits)
+            state = self.update_controls(weak_probs, counted)
+            labels, admitted = self.targets(weak_probs, state)
             if self.mix_source == "batch":
-                partner_labels, partner_confidence, partner_counted = (
-                    mixing.next_in_batch(t) for t in (labels, confidence, counted))
-            # 6. Each view's targets: the weak ones, the partner's inside its box.
-            view_targets = [self.mix_targets(box, (labels, confidence, counted),
-                                             (partner_labels, partner_confidence,
+                partner_labels, partner_admitted, partner_counted = (
+                    mixing.next_in_batch(t) for t in (labels, admitted, counted))
+            else:
+                partner_labels, partner_admitted = self.targets(
+                    self.probabilities(partner_logits), state)
+            # 6. Each view's targets: the weak ones, the partner's inside its box. Admission
+            #    is decided per pixel before mixing, against the threshold of that pixel's
+            #    own pseudo-label, and mixed with it.
+            view_targets = [self.mix_targets(box, (labels, admitted, counted),
+                                             (partner_labels, partner_admitted,
                                               partner_counted)) for box in boxes]
             # 7. The losses, weighted as the code.
             supervised = self.labelled_loss(labelled_logits, labelled["mask"])
@@ -326,14 +411,14 @@ class UniMatch(SegmentationMethod):
             unsupervised = (1.0 - self.fp_weight) * strong_loss
             values = {}
             if self.feature_perturbation:
-                fp_loss = self.unlabelled_loss(fp_logits, labels, confidence, counted)
+                fp_loss = self.unlabelled_loss(fp_logits, labels, admitted, counted)
                 unsupervised += self.fp_weight * fp_loss
                 values["fp_loss"] = fp_loss
             loss = (supervised + unsupervised) / 2.0
         self.apply_gradients(tape, loss, self.segmenter.trainable_variables)
 
-        # The code's "mask ratio": confident share of the weak view's image pixels.
-        confident = tf.cast((confidence >= self.confidence_threshold) & counted, tf.float32)
+        # The code's "mask ratio": admitted share of the weak view's image pixels.
+        confident = tf.cast(admitted & counted, tf.float32)
         return self.report(
             loss=loss, supervised_loss=supervised, strong_loss=strong_loss,
             confident_share=losses.global_mean(tf.reduce_sum(confident),
