@@ -161,7 +161,8 @@ def confidence_weights(confidence: tf.Tensor, threshold: float,
 def confidence_weighted_cross_entropy(logits: tf.Tensor, pseudo_labels: tf.Tensor,
                                       confidence: tf.Tensor, threshold: float = 0.968,
                                       weighting: str = "batch",
-                                      ignore_label: int = IGNORE_LABEL) -> tf.Tensor:
+                                      ignore_label: int = IGNORE_LABEL,
+                                      class_weights: tf.Tensor | None = None) -> tf.Tensor:
     """Cross-entropy against hard pseudo-labels, weighted by the target's confidence.
 
     The weighted per-pixel loss is averaged over every (non-ignored) pixel of the global
@@ -173,11 +174,15 @@ def confidence_weighted_cross_entropy(logits: tf.Tensor, pseudo_labels: tf.Tenso
       pseudo_labels: [B, H, W] class ids (e.g. the argmax of mixed teacher probabilities).
       confidence: [B, H, W] the target probability of each pseudo-label.
       threshold, weighting: see `confidence_weights`.
+      class_weights: optional [C]: each pixel also weighs the weight of its pseudo-label's
+        class, and the mean divides by the global sum of those class weights (the
+        supervised loss's weighted mean, see `masked_cross_entropy`).
     Returns:
       A scalar: this replica's share of the global mean (see the module docstring).
     """
     weights = confidence_weights(confidence, threshold, weighting)
-    return masked_cross_entropy(logits, pseudo_labels, ignore_label, pixel_weights=weights)
+    return masked_cross_entropy(logits, pseudo_labels, ignore_label, pixel_weights=weights,
+                                class_weights=class_weights)
 
 
 def squared_error(predictions: tf.Tensor, targets: tf.Tensor,

@@ -9,8 +9,8 @@ from kssl import config, losses
 from kssl.augment.strong import StrongAugment
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import ClassMix
-from tiny import (NUM_CLASSES, crash_and_resume, random_batches, run_method_test,
-                  tiny_run_config, tiny_segmenter)
+from tiny import (NUM_CLASSES, crash_and_resume, pixel_model, random_batches,
+                  run_method_test, tiny_run_config, tiny_segmenter)
 
 def test_confidence_weight_matches_a_hand_computation():
     confidence = np.array([[[0.99, 0.5], [0.97, 0.2]],     # 2 of 4 pixels above 0.968
@@ -33,6 +33,46 @@ def test_confidence_weight_matches_a_hand_computation():
     np.testing.assert_allclose(got.numpy(), 3 / 8 * ce.mean(), rtol=1e-5)
     got = losses.confidence_weighted_cross_entropy(logits, labels, confidence, 0.968, "image")
     np.testing.assert_allclose(got.numpy(), (ce[0].sum() / 2 + ce[1].sum() / 4) / 8, rtol=1e-5)
+    # With class weights: each pixel also weighs w[its pseudo-label]; the mean divides by
+    # the sum of those weights over every pixel, admitted or not.
+    class_weights = np.array([0.5, 2.0, 4.0], np.float32)
+    w = class_weights[labels]
+    got = losses.confidence_weighted_cross_entropy(logits, labels, confidence, 0.968, "pixel",
+                                                   class_weights=class_weights)
+    np.testing.assert_allclose(got.numpy(), (w * (confidence > 0.968) * ce).sum() / w.sum(),
+                               rtol=1e-5)
+
+
+def test_unsup_class_weights_need_class_weights_and_weigh_the_step_loss():
+    with pytest.raises(ValueError, match="class weights"):
+        ClassMix(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True)
+    weights = [0.5, 2.0, 4.0]
+    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, class_weights=weights,
+                     unsup_class_weights=True)
+    np.testing.assert_array_equal(model.unsup_class_weights.numpy(), weights)
+    assert ClassMix(tiny_segmenter(0), NUM_CLASSES, class_weights=weights
+                    ).unsup_class_weights is None
+
+    def unsupervised_loss(class_weights, weighted):
+        # The pixel model's argmax follows each pixel's brightest channel, so the random
+        # images give pseudo-labels of every class; with lr 0 the reported loss is the
+        # first step's.
+        model = ClassMix(pixel_model([[3, 0, 0], [0, 3, 0], [0, 0, 3]]), NUM_CLASSES,
+                         weighting="none", class_weights=class_weights,
+                         unsup_class_weights=weighted, seed=0)
+        model.compile(optimizer=keras.optimizers.SGD(0.0))
+        rng = np.random.default_rng(0)
+        labelled = {"image": rng.uniform(0, 1, (2, 4, 4, 3)).astype(np.float32),
+                    "mask": rng.integers(0, 3, (2, 4, 4)).astype(np.int32)}
+        unlabelled = {"image": rng.uniform(0, 1, (2, 4, 4, 3)).astype(np.float32)}
+        history = model.fit(tf.data.Dataset.from_tensors((labelled, unlabelled)), epochs=1,
+                            steps_per_epoch=1, verbose=0)
+        return history.history["unsupervised_loss"][0]
+
+    plain = unsupervised_loss(weights, False)
+    # Equal class weights leave a weighted mean unchanged; unequal ones move it.
+    assert unsupervised_loss([2.0, 2.0, 2.0], True) == pytest.approx(plain, rel=1e-6)
+    assert unsupervised_loss(weights, True) != pytest.approx(plain, rel=1e-3)
 
 
 def test_images_and_teacher_probabilities_are_mixed_with_the_same_mask():

@@ -62,6 +62,12 @@ class ClassMix(SegmentationMethod):
         copy-paste) instead of uniformly. Off: the paper.
       control_decay: decay of the running class confidence and class distribution
         those controls keep (0.99).
+      unsup_class_weights: weight each pixel of the unsupervised loss by the supervised
+        loss's class weight of its pseudo-label (a weighted mean, as the supervised loss;
+        needs `class_weights`, e.g. `supervised_loss.class_weights = 'median_frequency'`).
+        Off: the paper, whose unsupervised loss is unweighted; with a class-weighted
+        supervised loss the two terms then pull the network towards different class
+        priors (the rare classes the weighted term lifts, the unweighted term damps).
       seed: seeds the mask choices and strong augmentation, which are drawn statelessly
         per step and per global example index (so they do not depend on the number of
         replicas and repeat on resume); default: drawn from Python's `random` (seeded by
@@ -76,8 +82,13 @@ class ClassMix(SegmentationMethod):
                  teacher_bn: str = "ema", mix_mask: str = "class",
                  inference: str = "student", thresholds: str = "fixed",
                  distribution_alignment: bool = False, class_aware_mixing: bool = False,
-                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
+                 control_decay: float = 0.99, unsup_class_weights: bool = False,
+                 seed: Optional[int] = None, **kwargs):
         super().__init__(segmenter, num_classes, **kwargs)
+        if unsup_class_weights and self.class_weights is None:
+            raise ValueError("ClassMix unsup_class_weights needs the supervised loss's class "
+                             "weights (set supervised_loss.class_weights)")
+        self.unsup_class_weights = self.class_weights if unsup_class_weights else None
         for name, value, allowed in [("weighting", weighting, losses.PSEUDO_LABEL_WEIGHTINGS),
                                      ("teacher_bn", teacher_bn, ("ema", "batch")),
                                      ("mix_mask", mix_mask, ("class", "cut")),
@@ -209,7 +220,7 @@ class ClassMix(SegmentationMethod):
             mixed_logits = self.segmenter(mixed_images, training=True)
             unsupervised = losses.confidence_weighted_cross_entropy(
                 mixed_logits, pseudo_labels, confidence, threshold, self.weighting,
-                self.ignore_label)
+                self.ignore_label, class_weights=self.unsup_class_weights)
             loss = supervised + self.unsup_weight * unsupervised
         self.apply_gradients(tape, loss, self.optimized_variables())
 
