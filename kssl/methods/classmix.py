@@ -116,17 +116,10 @@ class ClassMix(SegmentationMethod):
         # Pseudo-label controls (state in Keras weights: saved with the checkpoints).
         self.thresholds = thresholds
         self.class_aware_mixing = class_aware_mixing
-        self.class_confidence = None
-        if thresholds == "class_adaptive" or class_aware_mixing:
-            self.class_confidence = controls.ClassConfidence(num_classes, control_decay,
-                                                             name="class_confidence")
-        self.alignment = None
-        if distribution_alignment:
-            if self.class_prior is None:
-                raise ValueError("ClassMix distribution_alignment needs the labelled class "
-                                 "prior (class_prior)")
-            self.alignment = controls.DistributionAlignment(self.class_prior, control_decay,
-                                                            name="distribution_alignment")
+        self.class_confidence, self.alignment = controls.control_layers(
+            "ClassMix", num_classes, self.class_prior,
+            thresholds == "class_adaptive" or class_aware_mixing, distribution_alignment,
+            control_decay)
 
     def networks(self) -> list:
         """The student and the teacher."""

@@ -246,17 +246,14 @@ class MKD(SegmentationMethod):
         # supervise different students; a shared state would let one teacher's bias set
         # the other's thresholds.
         self.thresholds = thresholds
-        self.class_confidence = {
-            name: controls.ClassConfidence(num_classes, control_decay,
-                                           name=f"{name}_class_confidence")
-            for name in (TEACHERS if thresholds == "class_adaptive" else ())}
-        if distribution_alignment and self.class_prior is None:
-            raise ValueError("MKD distribution_alignment needs the labelled class prior "
-                             "(class_prior)")
-        self.alignment = {
-            name: controls.DistributionAlignment(self.class_prior, control_decay,
-                                                 name=f"{name}_distribution_alignment")
-            for name in (TEACHERS if distribution_alignment else ())}
+        layers = {name: controls.control_layers(
+                      "MKD", num_classes, self.class_prior, thresholds == "class_adaptive",
+                      distribution_alignment, control_decay, prefix=f"{name}_")
+                  for name in TEACHERS}
+        self.class_confidence = {name: confidence for name, (confidence, _) in layers.items()
+                                 if confidence is not None}
+        self.alignment = {name: alignment for name, (_, alignment) in layers.items()
+                          if alignment is not None}
 
     # -- networks -----------------------------------------------------------------------
     def networks(self) -> list:

@@ -88,6 +88,24 @@ class ClassConfidence(keras.layers.Layer):
         return new
 
 
+def control_layers(method: str, num_classes: int, class_prior, class_confidence: bool,
+                   distribution_alignment: bool, decay: float, prefix: str = "") -> tuple:
+    """The state layers a method's options ask for: (a `ClassConfidence` or None, a
+    `DistributionAlignment` or None), named `prefix` + "class_confidence" and
+    `prefix` + "distribution_alignment". Alignment needs the labelled `class_prior`
+    (which the driver passes); `method` names the method in that error."""
+    confidence = alignment = None
+    if class_confidence:
+        confidence = ClassConfidence(num_classes, decay, name=f"{prefix}class_confidence")
+    if distribution_alignment:
+        if class_prior is None:
+            raise ValueError(f"{method} distribution_alignment needs the labelled class "
+                             "prior (class_prior)")
+        alignment = DistributionAlignment(class_prior, decay,
+                                          name=f"{prefix}distribution_alignment")
+    return confidence, alignment
+
+
 def adaptive_thresholds(class_confidence, base_threshold: float) -> tf.Tensor:
     """Per-class thresholds [C]: base * conf_c / max_c conf_c."""
     confidence = tf.cast(class_confidence, tf.float32)

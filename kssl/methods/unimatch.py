@@ -179,17 +179,9 @@ class UniMatch(SegmentationMethod):
         # Pseudo-label controls (state in Keras weights: saved with the checkpoints; none
         # when off, so the released recipe's checkpoints keep their layout).
         self.thresholds = thresholds
-        self.class_confidence = None
-        if thresholds == "class_adaptive":
-            self.class_confidence = controls.ClassConfidence(num_classes, control_decay,
-                                                             name="class_confidence")
-        self.alignment = None
-        if distribution_alignment:
-            if self.class_prior is None:
-                raise ValueError("UniMatch distribution_alignment needs the labelled class "
-                                 "prior (class_prior)")
-            self.alignment = controls.DistributionAlignment(self.class_prior, control_decay,
-                                                            name="distribution_alignment")
+        self.class_confidence, self.alignment = controls.control_layers(
+            "UniMatch", num_classes, self.class_prior, thresholds == "class_adaptive",
+            distribution_alignment, control_decay)
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
