@@ -149,11 +149,10 @@ class ClassMix(SegmentationMethod):
     def pixel_thresholds(self, pseudo_labels):
         """The confidence a pixel must exceed: the fixed threshold, or its pseudo-label's
         class-adaptive one (from the stored running class confidence)."""
-        if self.thresholds == "fixed":
-            return self.confidence_threshold
-        per_class = controls.adaptive_thresholds(self.class_confidence.confidence,
-                                                 self.confidence_threshold)
-        return tf.gather(per_class, pseudo_labels)
+        adaptive = self.thresholds == "class_adaptive"
+        return controls.pixel_thresholds(
+            pseudo_labels, self.class_confidence.confidence if adaptive else None,
+            self.confidence_threshold)
 
     def masks(self, teacher_labels, seed):
         """One mixing mask per unlabelled image: 1 where image i is kept over image i+1."""

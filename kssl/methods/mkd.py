@@ -421,13 +421,10 @@ class MKD(SegmentationMethod):
         """The confidence a target pixel of teacher `name` must reach: the fixed
         threshold, or its pseudo-label's class-adaptive one from `class_confidence`
         (default: the teacher's stored running class confidence)."""
-        if name not in self.class_confidence:
-            return self.confidence_threshold
-        if class_confidence is None:
+        if name in self.class_confidence and class_confidence is None:
             class_confidence = self.class_confidence[name].confidence
-        per_class = controls.adaptive_thresholds(class_confidence,
-                                                 self.confidence_threshold)
-        return tf.gather(per_class, pseudo_labels)
+        return controls.pixel_thresholds(pseudo_labels, class_confidence,
+                                         self.confidence_threshold)
 
     def pseudo_label_targets(self, images, labelled_images=None) -> dict:
         """Each teacher's targets on the weak unlabelled view at the input size: the

@@ -173,6 +173,15 @@ class DistributionAlignment(keras.layers.Layer):
         return aligned / tf.maximum(tf.reduce_sum(aligned, -1, keepdims=True), _EPSILON)
 
 
+def pixel_thresholds(pseudo_labels, class_confidence, base_threshold: float):
+    """The threshold each pixel's confidence is held to: `base_threshold` when
+    `class_confidence` is None (fixed thresholds), else the class-adaptive threshold of
+    the pixel's pseudo-label ([B, H, W])."""
+    if class_confidence is None:
+        return base_threshold
+    return tf.gather(adaptive_thresholds(class_confidence, base_threshold), pseudo_labels)
+
+
 def class_aware_scores(uniform, class_weights) -> tf.Tensor:
     """Scores [B, C] in [0, 1) whose smallest k among an image's classes are a weighted
     draw without replacement, class c with weight w_c (Efraimidis and Spirakis: the k

@@ -256,12 +256,10 @@ class UniMatch(SegmentationMethod):
     def pixel_thresholds(self, pseudo_labels, class_confidence=None):
         """The confidence a pixel must reach: the fixed threshold, or its pseudo-label's
         class-adaptive one from `class_confidence` (default: the stored one)."""
-        if self.class_confidence is None:
-            return self.confidence_threshold
-        if class_confidence is None:
+        if self.class_confidence is not None and class_confidence is None:
             class_confidence = self.class_confidence.confidence
-        per_class = controls.adaptive_thresholds(class_confidence, self.confidence_threshold)
-        return tf.gather(per_class, pseudo_labels)
+        return controls.pixel_thresholds(pseudo_labels, class_confidence,
+                                         self.confidence_threshold)
 
     def strong(self, images, seed):
         """The strong photometric view of images (unchanged without strong_augment)."""
