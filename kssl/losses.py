@@ -67,14 +67,27 @@ def masked_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,
     Returns:
       A scalar: this replica's share of the global mean (see the module docstring).
     """
+    total, count = weighted_cross_entropy_sums(logits, labels, ignore_label, pixel_weights,
+                                               class_weights)
+    return global_mean(total, count)
+
+
+def weighted_cross_entropy_sums(logits: tf.Tensor, labels: tf.Tensor,
+                                ignore_label: int = IGNORE_LABEL,
+                                pixel_weights: tf.Tensor | None = None,
+                                class_weights: tf.Tensor | None = None) -> tuple:
+    """(numerator, denominator) of `masked_cross_entropy` on this replica: the sum of the
+    [pixel- and class-] weighted losses, and the count of non-ignored pixels or, with
+    `class_weights`, the sum of their labels' weights. A loss over several tensors adds
+    the sums of each before one `global_mean`."""
     loss, valid = pixel_cross_entropy(logits, labels, ignore_label)
     if pixel_weights is not None:
         loss = loss * tf.cast(pixel_weights, tf.float32)
     if class_weights is None:
-        return global_mean(tf.reduce_sum(loss), tf.reduce_sum(valid))
+        return tf.reduce_sum(loss), tf.reduce_sum(valid)
     safe_labels = tf.where(valid > 0, tf.cast(labels, tf.int32), tf.zeros_like(labels, tf.int32))
     weights = tf.gather(tf.cast(class_weights, tf.float32), safe_labels) * valid
-    return global_mean(tf.reduce_sum(loss * weights), tf.reduce_sum(weights))
+    return tf.reduce_sum(loss * weights), tf.reduce_sum(weights)
 
 
 def replica_concat(value: tf.Tensor) -> tf.Tensor:

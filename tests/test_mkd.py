@@ -191,6 +191,26 @@ def test_mutual_losses_pair_each_student_with_the_other_branch():
                                terms["student_1_loss"] + terms["student_2_loss"], rtol=1e-6)
 
 
+def test_class_weighted_consistency_terms_are_weighted_means_over_all_parts():
+    with pytest.raises(ValueError, match="class weights"):
+        MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, unsup_class_weights=True)
+    weights = np.arange(1, NUM_CLASSES + 1, dtype=np.float32)
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, class_weights=weights,
+                unsup_class_weights=True)
+    rng = np.random.default_rng(6)
+    logits = [rng.normal(size=(n, 3, 3, NUM_CLASSES)).astype(np.float32) for n in (1, 2)]
+    labels = [rng.integers(0, NUM_CLASSES, (n, 3, 3)).astype(np.int32) for n in (1, 2)]
+    labels[1][0, 0, 0] = IGNORE_LABEL
+    got = model.cross_entropy(logits, labels).numpy()
+    flat_logits = np.concatenate([p.reshape(-1, NUM_CLASSES) for p in logits])
+    flat_labels = np.concatenate([p.reshape(-1) for p in labels])
+    valid = flat_labels != IGNORE_LABEL
+    log_p = flat_logits[valid] - np.log(np.exp(flat_logits[valid]).sum(-1, keepdims=True))
+    ce = -log_p[np.arange(valid.sum()), flat_labels[valid]]
+    w = weights[flat_labels[valid]]
+    np.testing.assert_allclose(got, (w * ce).sum() / w.sum(), rtol=1e-5)
+
+
 def step_logs(model, data):
     for metric in model.metrics:
         metric.reset_state()

@@ -169,6 +169,27 @@ def test_unlabelled_loss_counts_admitted_pixels_over_counted_ones():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_class_weighted_unlabelled_loss_is_a_weighted_mean_over_counted_pixels():
+    with pytest.raises(ValueError, match="class weights"):
+        FixMatch(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True, seed=0)
+    weights = np.array([0.5, 2.0, 4.0], np.float32)
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, class_weights=weights,
+                     unsup_class_weights=True, seed=0)
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(1, 2, 3, NUM_CLASSES)).astype(np.float32)
+    labels = np.array([[[0, 1, 2], [2, 1, 0]]], np.int32)
+    admitted = np.array([[[True, False, True], [True, True, False]]])
+    counted = np.array([[[True, True, True], [False, True, True]]])
+    got = model.unlabelled_loss(logits, labels, admitted, counted).numpy()
+    ce = pixel_cross_entropy(logits, labels)
+    # Numerator: admitted, counted pixels (0,0) class 0, (0,2) class 2, (1,1) class 1, each
+    # times its class weight. Denominator: the weights of the 5 counted pixels' classes
+    # 0, 1, 2, 1, 0, admitted or not.
+    want = (0.5 * ce[0, 0, 0] + 4.0 * ce[0, 0, 2] + 2.0 * ce[0, 1, 1]) / (
+        0.5 + 2.0 + 4.0 + 2.0 + 0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("thresholds", ["fixed", "class_adaptive"])
 def test_a_pixel_is_admitted_at_its_own_class_threshold(thresholds):
     """For each class c, one pixel whose probability of c is exactly c's threshold

@@ -85,10 +85,8 @@ class ClassMix(SegmentationMethod):
                  control_decay: float = 0.99, unsup_class_weights: bool = False,
                  seed: Optional[int] = None, **kwargs):
         super().__init__(segmenter, num_classes, **kwargs)
-        if unsup_class_weights and self.class_weights is None:
-            raise ValueError("ClassMix unsup_class_weights needs the supervised loss's class "
-                             "weights (set supervised_loss.class_weights)")
-        self.unsup_class_weights = self.class_weights if unsup_class_weights else None
+        self.unsup_class_weights = controls.unlabelled_class_weights(
+            "ClassMix", unsup_class_weights, self.class_weights)
         for name, value, allowed in [("weighting", weighting, losses.PSEUDO_LABEL_WEIGHTINGS),
                                      ("teacher_bn", teacher_bn, ("ema", "batch")),
                                      ("mix_mask", mix_mask, ("class", "cut")),

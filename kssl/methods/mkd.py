@@ -107,6 +107,10 @@ class MKD(SegmentationMethod):
         unlabelled batch; its targets on the labelled images are thresholded and aligned
         with that state but not counted in it (predictions fitted to their masks would
         hide the teacher's bias on the unlabelled images).
+      unsup_class_weights: weight each pixel of the four consistency terms by the
+        supervised loss's class weight of its target (teacher's or other student's
+        argmax), normalised by the sum of those weights (see `losses.masked_cross_entropy`;
+        needs `class_weights`). Off: the paper, whose consistency terms are unweighted.
       ema_decay, ema_warmup: the teachers' decay min(1 - 1/t, ema_decay) at the t-th step
         (t from 1; the code's 0.6 by default; 0.99 the usual mean teacher); without
         warm-up, ema_decay throughout (the paper's gamma = 0.4: `ema_decay=0.4,
@@ -171,7 +175,8 @@ class MKD(SegmentationMethod):
                  strong_op_weights: Sequence[float] = MKD_CODE_OP_WEIGHTS,
                  share_backbone_init: bool = True, inference: str = "student_1",
                  thresholds: str = "fixed", distribution_alignment: bool = False,
-                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
+                 control_decay: float = 0.99, unsup_class_weights: bool = False,
+                 seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("teacher_bn", teacher_bn, ("batch", "ema")),
                                      ("lambda_schedule", lambda_schedule,
                                       ("cosine", "linear")),
@@ -245,6 +250,8 @@ class MKD(SegmentationMethod):
         # confidence and class bias drift apart from the other's, and the two targets
         # supervise different students; a shared state would let one teacher's bias set
         # the other's thresholds.
+        self.unsup_class_weights = controls.unlabelled_class_weights(
+            "MKD", unsup_class_weights, self.class_weights)
         self.thresholds = thresholds
         layers = {name: controls.control_layers(
                       "MKD", num_classes, self.class_prior, thresholds == "class_adaptive",
@@ -459,12 +466,14 @@ class MKD(SegmentationMethod):
         return supervised, parts
 
     def cross_entropy(self, logits_parts, label_parts) -> tf.Tensor:
-        """Mean CE over the non-ignored pixels of all parts of the global batch."""
+        """Mean CE over the non-ignored pixels of all parts of the global batch (a mean
+        weighted by the targets' class weights with `unsup_class_weights`)."""
         total, count = 0.0, 0.0
         for logits, labels in zip(logits_parts, label_parts):
-            loss, valid = losses.pixel_cross_entropy(logits, labels, self.ignore_label)
-            total += tf.reduce_sum(loss)
-            count += tf.reduce_sum(valid)
+            part_total, part_count = losses.weighted_cross_entropy_sums(
+                logits, labels, self.ignore_label, class_weights=self.unsup_class_weights)
+            total += part_total
+            count += part_count
         return losses.global_mean(total, count)
 
     def mutual_losses(self, supervised, student_logits, teacher_targets) -> dict:

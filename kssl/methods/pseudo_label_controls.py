@@ -18,6 +18,11 @@ default, so a paper config keeps its paper behaviour):
 - `class_aware_scores`: ClassMix's class choice and similar draws favour the classes the
   teacher is least confident on (AEL's adaptive copy-paste), as a weighted draw without
   replacement.
+- `unlabelled_class_weights`: the unlabelled loss weighs each pixel by the supervised
+  loss's class weight of its pseudo-label. With a class-weighted supervised loss (SegNet's
+  median frequency) and an unweighted unlabelled loss the two terms pull the network to
+  different class priors: the rare classes the weighted term lifts, the unweighted term
+  damps again.
 - `stability_scores`, `reliable_order`, `select_reliable`: ST++'s reliable-image selection
   (Yang et al. 2022): an unlabelled image whose predictions agree across training
   checkpoints is reliable (`ThreeStage.reliable_share`).
@@ -104,6 +109,20 @@ def control_layers(method: str, num_classes: int, class_prior, class_confidence:
         alignment = DistributionAlignment(class_prior, decay,
                                           name=f"{prefix}distribution_alignment")
     return confidence, alignment
+
+
+def unlabelled_class_weights(method: str, enabled: bool, class_weights):
+    """The [C] class weights of a method's unlabelled loss: the supervised loss's
+    `class_weights` when `enabled`, else None (unweighted, as every paper). `method` names
+    the method in the error raised when they are asked for but the supervised loss has
+    none."""
+    if not enabled:
+        return None
+    if class_weights is None:
+        raise ValueError(f"{method} unsup_class_weights needs the supervised loss's class "
+                         "weights (set supervised_loss.class_weights, e.g. "
+                         "'median_frequency')")
+    return class_weights
 
 
 def adaptive_thresholds(class_confidence, base_threshold: float) -> tf.Tensor:

@@ -107,6 +107,11 @@ class UniMatch(SegmentationMethod):
         updated once per step from the weak view's training-mode probabilities on the
         counted (not padding) pixels of the unlabelled images, over the global batch; the
         mix partners' targets use the state just updated (see `train_step`).
+      unsup_class_weights: weight each pixel of the unlabelled terms by the supervised
+        loss's class weight of its pseudo-label, and normalise by the sum of those weights
+        over the counted pixels instead of their count (see `losses.masked_cross_entropy`;
+        needs `class_weights`, e.g. `supervised_loss.class_weights = 'median_frequency'`).
+        Off: the code, whose unlabelled loss is unweighted whatever the labelled one.
       seed: seeds the strong views, boxes and dropout, drawn statelessly per step and per
         global example index (so they do not depend on the number of replicas and repeat
         on resume); default: drawn from Python's `random` (`train.seed`).
@@ -123,7 +128,8 @@ class UniMatch(SegmentationMethod):
                  supervised_criterion: str = "cross_entropy", ohem_threshold: float = 0.7,
                  ohem_min_kept: int = 100000, backbone_lr_multiplier: float = 1.0,
                  thresholds: str = "fixed", distribution_alignment: bool = False,
-                 control_decay: float = 0.99, seed: Optional[int] = None, **kwargs):
+                 control_decay: float = 0.99, unsup_class_weights: bool = False,
+                 seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("variant", variant, VARIANTS),
                                      ("mix_source", mix_source, MIX_SOURCES),
                                      ("supervised_criterion", supervised_criterion,
@@ -178,6 +184,8 @@ class UniMatch(SegmentationMethod):
         self.build_networks()
         # Pseudo-label controls (state in Keras weights: saved with the checkpoints; none
         # when off, so the released recipe's checkpoints keep their layout).
+        self.unsup_class_weights = controls.unlabelled_class_weights(
+            "UniMatch", unsup_class_weights, self.class_weights)
         self.thresholds = thresholds
         self.class_confidence, self.alignment = controls.control_layers(
             "UniMatch", num_classes, self.class_prior, thresholds == "class_adaptive",
@@ -338,11 +346,13 @@ class UniMatch(SegmentationMethod):
 
     def unlabelled_loss(self, logits, labels, admitted, counted):
         """sum(CE * admitted) over counted pixels / global count of counted pixels,
-        admitted or not (the code's normaliser). `admitted`: [confidence >= threshold],
+        admitted or not (the code's normaliser; with `unsup_class_weights` both weighted
+        by the pseudo-label's class weight). `admitted`: [confidence >= threshold],
         decided before mixing, where each pixel's own threshold is known."""
         labels = tf.where(counted, labels, self.ignore_label)
         return losses.masked_cross_entropy(logits, labels, self.ignore_label,
-                                           pixel_weights=tf.cast(admitted, tf.float32))
+                                           pixel_weights=tf.cast(admitted, tf.float32),
+                                           class_weights=self.unsup_class_weights)
 
     # -- the step -------------------------------------------------------------------
     def train_step(self, data):
