@@ -343,3 +343,16 @@ def test_a_backup_written_in_place_by_keras_still_resumes(tmp_path, monkeypatch)
     monkeypatch.undo()
     started, metrics = resume(workdir, monkeypatch)
     assert started == [2] and metrics["steps"] == 3
+
+
+def test_a_tool_writes_its_output_file_only_where_nothing_is_or_when_asked(tmp_path):
+    new = str(tmp_path / "new.json")
+    assert run_files.output_file_problem(new) is None
+    existing = tmp_path / "theirs.json"
+    existing.write_text("someone's notes")
+    problem = run_files.output_file_problem(str(existing))
+    assert problem == f"--output {existing} already exists; pass --overwrite to replace it"
+    assert run_files.output_file_problem(str(existing), overwrite=True) is None
+    # A folder is never replaced by a file, --overwrite or not.
+    assert "is a folder" in run_files.output_file_problem(str(tmp_path), overwrite=True)
+    assert existing.read_text() == "someone's notes"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from kssl.cli import common
@@ -12,6 +10,7 @@ flags.DEFINE_multi_string("workdir", None, "A finished training run directory (r
                           "flag for each run to compare).", required=True)
 flags.DEFINE_string("split", None, "Split to score (default: the first run's eval split).")
 flags.DEFINE_string("output", None, "Also write the comparison to this JSON file.")
+flags.DEFINE_bool("overwrite", False, "Replace a file already at --output.")
 FLAGS = flags.FLAGS
 
 
@@ -20,8 +19,13 @@ def main(argv):
     del argv
     import gin
 
-    from kssl import compare, configured
+    from kssl import compare, configured, run_files
     from kssl.data import pipeline
+
+    if FLAGS.output:  # before any run is loaded
+        problem = run_files.output_file_problem(FLAGS.output, FLAGS.overwrite)
+        if problem:
+            common.fail(problem)
 
     networks, class_lists, first = {}, [], None
     for workdir in FLAGS.workdir:
@@ -43,8 +47,7 @@ def main(argv):
     result["split"] = split
     print(compare.format_comparison(result))
     if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(result, f, indent=2)
+        run_files.write_json(FLAGS.output, result)
         print(f"kssl: wrote {FLAGS.output}")
 
 

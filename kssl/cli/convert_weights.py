@@ -27,6 +27,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "The kssl weight file to write (FILE.weights.h5).")
     flags.DEFINE_string("key", None, "Checkpoint entry holding the state dict, if the "
                         "automatic unwrapping ({'state_dict': ...}, {'model': ...}) fails.")
+    flags.DEFINE_bool("overwrite", False, "Replace a file already at --output.")
     flags.DEFINE_bool("verbose", False, "Also list every converted tensor and its target.")
 
 
@@ -57,6 +58,11 @@ def main(argv):
         common.fail(f"{', '.join(missing)} required: bin/convert_weights --from FILE.pth "
                     f"--arch {{{','.join(conversion.known_archs())}}} --output "
                     "FILE.weights.h5")
+    from kssl import run_files
+
+    problem = run_files.output_file_problem(FLAGS.output, FLAGS.overwrite)
+    if problem:
+        common.fail(problem)
     try:
         convert(FLAGS["from"].value, arch, FLAGS.output, key=FLAGS.key,
                 verbose=FLAGS.verbose)
