@@ -135,3 +135,81 @@ def test_hue_shift_is_a_fraction_of_the_colour_circle():
         got = strong._adjust_hue(red, shift).numpy()[0, 0, 0]
         want = colorsys.hsv_to_rgb(shift % 1.0, 1.0, 1.0)
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# -- CutMix boxes centred on a class ---------------------------------------------------------
+def numpy_centred_box(height, width, box_h, box_w, row, col):
+    """A box_h x box_w box with (row, col) on its row box_h // 2 and column box_w // 2,
+    the part outside the image dropped."""
+    mask = np.zeros((height, width), np.float32)
+    top, left = row - box_h // 2, col - box_w // 2
+    mask[max(top, 0):max(top + box_h, 0), max(left, 0):max(left + box_w, 0)] = 1
+    return mask
+
+
+def test_centred_boxes_are_cut_off_at_the_borders():
+    # (box_h, box_w, row, col) on a 6x8 image: inside; past the top-left corner; past the
+    # bottom-right corner with an odd and an even size; an empty box.
+    cases = [(3, 3, 2, 3), (4, 2, 0, 0), (5, 6, 5, 7), (2, 8, 3, 4), (0, 3, 2, 2)]
+    box_h, box_w, rows, cols = (np.array(c) for c in zip(*cases))
+    got = mixing.centred_boxes(box_h.astype(np.float32), box_w.astype(np.float32), rows,
+                               cols, 6, 8).numpy()
+    want = np.stack([numpy_centred_box(6, 8, *c) for c in cases])
+    np.testing.assert_array_equal(got, want)
+    # By hand: rows 1-3 x columns 2-4; rows 0-1 x column 0; rows 3-5 x columns 4-7.
+    assert got[0, 1:4, 2:5].all() and got[0].sum() == 9
+    assert got[1, 0:2, 0].all() and got[1].sum() == 2
+    assert got[2, 3:, 4:].all() and got[2].sum() == 12
+    assert got[3, 2:4].all() and got[3].sum() == 16 and got[4].sum() == 0
+
+
+def class_map():
+    """A 4x5 label map: class 2 on seven scattered pixels, class 1 on three, 0 elsewhere."""
+    labels = np.zeros((4, 5), np.int32)
+    for r, c in [(0, 0), (0, 4), (1, 2), (2, 1), (3, 0), (3, 3), (3, 4)]:
+        labels[r, c] = 2
+    labels[1, 3] = labels[2, 3] = labels[2, 4] = 1
+    return labels
+
+
+def test_class_centres_are_uniform_over_the_class_pixels():
+    labels = np.broadcast_to(class_map(), (64, 4, 5))
+    picks = np.zeros((4, 5), int)
+    for step in range(10):
+        rows, cols, found = (t.numpy() for t in mixing.class_centres(
+            labels, np.full(64, 2), seeds.step_seed(0, step, 4)))
+        assert found.all()
+        np.add.at(picks, (rows, cols), 1)
+    on_class = class_map() == 2
+    assert picks[~on_class].sum() == 0  # every pick is a pixel of class 2
+    # 640 picks over 7 pixels, about 91 each (standard deviation about 9).
+    assert picks[on_class].min() > 55 and picks[on_class].max() < 130
+    # A class the image lacks, or a negative one, is not found.
+    rows, cols, found = (t.numpy() for t in mixing.class_centres(
+        labels[:3], np.array([3, -1, 1]), seeds.step_seed(0, 0, 4)))
+    np.testing.assert_array_equal(found, [False, False, True])
+    assert class_map()[rows[2], cols[2]] == 1
+
+
+def test_class_cutmix_boxes_centre_the_drawn_box_on_the_class():
+    """Each box is the `cutmix_boxes` box of the same seed, moved to be centred on a pixel
+    of its image's class; an image without that class keeps the uniform box."""
+    big = np.kron(class_map(), np.ones((3, 3), np.int32))  # 12x15, 3x3 blocks
+    labels = np.stack([big] * 8 + [np.zeros_like(big)] * 2)
+    classes = np.array([2, 1] * 4 + [2, 2])  # the last two images have no class 2
+    seed = seeds.step_seed(3, 1, 2)
+    got = mixing.class_cutmix_boxes(labels, classes, seed, probability=1.0).numpy()
+    drawn, _, _, box_h, box_w = (t.numpy() for t in mixing.cutmix_box_draws(
+        10, 12, 15, seed, probability=1.0))
+    assert drawn.all() and (box_h * box_w > 0).all()
+    for i in range(8):
+        h, w = int(box_h[i]), int(box_w[i])
+        at = [numpy_centred_box(12, 15, h, w, r, c) for r, c in zip(*np.nonzero(
+            labels[i] == classes[i]))]
+        assert any(np.array_equal(got[i], box) for box in at), i
+    uniform = mixing.cutmix_boxes(10, 12, 15, seed, probability=1.0).numpy()
+    np.testing.assert_array_equal(got[8:], uniform[8:])
+    assert not np.array_equal(got[:8], uniform[:8])
+    # Without a draw there is no box.
+    none = mixing.class_cutmix_boxes(labels, classes, seed, probability=0.0).numpy()
+    assert not none.any()

@@ -61,6 +61,22 @@ def mix(mask: tf.Tensor, a: tf.Tensor, b: tf.Tensor | None = None) -> tf.Tensor:
     return tf.where(keep > 0.5, a, b)
 
 
+def present_classes(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """Which classes each image holds: bool [B, C], True where some pixel of `labels[i]`
+    (int [B, H, W]) has class c. Values outside [0, C) count for no class."""
+    labels = tf.cast(labels, tf.int32)
+    batch = tf.shape(labels)[0]
+    flat = tf.reshape(labels, [batch, -1])
+    # A segment max rather than tf.math.bincount, whose output size depends on the values
+    # and so cannot be compiled with XLA (train.jit_compile). Values outside [0, C) land
+    # in a spare column that is dropped.
+    column = tf.where((flat >= 0) & (flat < num_classes), flat, num_classes)
+    segments = column + (num_classes + 1) * tf.range(batch)[:, None]
+    hits = tf.math.unsorted_segment_max(tf.ones_like(segments), segments,
+                                        batch * (num_classes + 1))
+    return tf.reshape(hits, [batch, num_classes + 1])[:, :num_classes] > 0
+
+
 def class_mix_masks(labels: tf.Tensor, num_classes: int, scores: tf.Tensor) -> tf.Tensor:
     """ClassMix masks: for each image, the pixels of half of its classes.
 
@@ -79,16 +95,7 @@ def class_mix_masks(labels: tf.Tensor, num_classes: int, scores: tf.Tensor) -> t
       float32 [B, H, W]: 1 where the pixel's class was chosen.
     """
     labels = tf.cast(labels, tf.int32)
-    batch = tf.shape(labels)[0]
-    flat = tf.reshape(labels, [batch, -1])
-    # Which classes each image holds, as a segment max rather than tf.math.bincount, whose
-    # output size depends on the values and so cannot be compiled with XLA
-    # (train.jit_compile). Values outside [0, C) land in a spare column that is dropped.
-    column = tf.where((flat >= 0) & (flat < num_classes), flat, num_classes)
-    segments = column + (num_classes + 1) * tf.range(batch)[:, None]
-    hits = tf.math.unsorted_segment_max(tf.ones_like(segments), segments,
-                                        batch * (num_classes + 1))
-    present = tf.reshape(hits, [batch, num_classes + 1])[:, :num_classes] > 0  # [B, C]
+    present = present_classes(labels, num_classes)  # [B, C]
     half = tf.reduce_sum(tf.cast(present, tf.int32), axis=1) // 2
     # Absent classes sort after every present one (scores are < 1), so the first
     # `half` ranks are always present classes.
@@ -136,12 +143,12 @@ def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
     return tf.cast(tf.reduce_sum(inside, axis=1) % 2, tf.float32)
 
 
-def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
-                 area_range=(0.02, 0.4), ratio_range=(0.3, 1 / 0.3),
-                 candidates: int = 256) -> tf.Tensor:
-    """At most one CutMix box per image, drawn as the UniMatch / FixMatch released code does.
+def cutmix_box_draws(batch_size, height, width, seed, probability: float = 0.5,
+                     area_range=(0.02, 0.4), ratio_range=(0.3, 1 / 0.3),
+                     candidates: int = 256) -> tuple:
+    """Each image's CutMix box as the UniMatch / FixMatch released code draws it.
 
-    With probability `probability` an image gets a box (else its mask is all zero): an area
+    With probability `probability` an image gets a box: an area
     a ~ U(area_range) * height * width is drawn once; then a ratio r ~ U(ratio_range), a
     width floor(sqrt(a / r)), a height floor(sqrt(a * r)) and a top-left corner (x, y)
     uniform over the integer pixels are redrawn until the box fits in the image. The code
@@ -151,10 +158,12 @@ def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
     miss with probability below 1e-7 (the last draw is then clamped into the image).
 
     Args:
-      batch_size: B (this replica's examples); height, width: the mask size.
+      batch_size: B (this replica's examples); height, width: the image size.
       seed: a stateless seed pair (see `seeds.step_seed`); draws are keyed by global index.
     Returns:
-      float32 [B, height, width]: 1 inside the box (rows y..y+h-1, columns x..x+w-1).
+      (drawn, top, left, box_h, box_w): `drawn` bool [B], whether the image gets a box;
+      the others float32 [B] whole numbers, the box's first row and column and its size
+      (drawn for every image, used where `drawn`).
     """
     draws = seeds.per_example_uniform(seed, batch_size, (2 + 3 * candidates,))
     height_f = tf.cast(height, tf.float32)
@@ -179,12 +188,120 @@ def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
     box_h = tf.where(found, pick(box_h), tf.minimum(box_h[:, -1:], height_f))
     left = tf.where(found, pick(left), tf.minimum(left[:, -1:], width_f - box_w))
     top = tf.where(found, pick(top), tf.minimum(top[:, -1:], height_f - box_h))
-    rows = tf.range(height_f)[None, :, None]
-    cols = tf.range(width_f)[None, None, :]
-    inside = ((rows >= top[:, :, None]) & (rows < (top + box_h)[:, :, None])
-              & (cols >= left[:, :, None]) & (cols < (left + box_w)[:, :, None]))
-    drawn = (draws[:, 0] < probability)[:, None, None]
-    return tf.cast(inside & drawn, tf.float32)
+    return draws[:, 0] < probability, top[:, 0], left[:, 0], box_h[:, 0], box_w[:, 0]
+
+
+def rectangle_masks(top, left, box_h, box_w, height, width, drawn=None) -> tf.Tensor:
+    """float32 [B, height, width]: 1 on rows top..top+box_h-1 and columns
+    left..left+box_w-1 of image i (float [B] whole numbers; a box reaching past a border is
+    cut off there), 0 elsewhere and on every image where `drawn` (bool [B]) is False."""
+    rows = tf.range(tf.cast(height, tf.float32))[None, :, None]
+    cols = tf.range(tf.cast(width, tf.float32))[None, None, :]
+
+    def per_image(x):
+        return tf.cast(x, tf.float32)[:, None, None]
+
+    top, left, box_h, box_w = (per_image(x) for x in (top, left, box_h, box_w))
+    inside = ((rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w))
+    if drawn is not None:
+        inside &= tf.cast(drawn, tf.bool)[:, None, None]
+    return tf.cast(inside, tf.float32)
+
+
+def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
+                 area_range=(0.02, 0.4), ratio_range=(0.3, 1 / 0.3),
+                 candidates: int = 256) -> tf.Tensor:
+    """At most one CutMix box per image, drawn and placed as the UniMatch / FixMatch
+    released code does (see `cutmix_box_draws`; an image without a box is all zero).
+
+    Args:
+      batch_size: B (this replica's examples); height, width: the mask size.
+      seed: a stateless seed pair (see `seeds.step_seed`); draws are keyed by global index.
+    Returns:
+      float32 [B, height, width]: 1 inside the box (rows y..y+h-1, columns x..x+w-1).
+    """
+    drawn, top, left, box_h, box_w = cutmix_box_draws(
+        batch_size, height, width, seed, probability, area_range, ratio_range, candidates)
+    return rectangle_masks(top, left, box_h, box_w, height, width, drawn)
+
+
+def _centred_corner(size, centre):
+    """The first row (column) of a box of `size` rows (columns) centred on `centre`."""
+    return tf.cast(centre, tf.float32) - tf.floor(tf.cast(size, tf.float32) / 2.0)
+
+
+def centred_boxes(box_h, box_w, centre_row, centre_col, height, width) -> tf.Tensor:
+    """Box masks float32 [B, height, width] of given sizes around given pixels.
+
+    Image i's box has box_h[i] rows and box_w[i] columns, and pixel
+    (centre_row[i], centre_col[i]) on its row floor(box_h / 2) and column
+    floor(box_w / 2) (the middle, or just past it for an even size); the part outside the
+    image is cut off, so a box centred near a border covers less than its size.
+    """
+    return rectangle_masks(_centred_corner(box_h, centre_row),
+                           _centred_corner(box_w, centre_col), box_h, box_w, height, width)
+
+
+def class_centres(labels, classes, seed) -> tuple:
+    """For each image, a pixel drawn uniformly among those whose label is its class.
+
+    Args:
+      labels: int [B, H, W].
+      classes: int [B], the class of each image (a negative one matches no pixel).
+      seed: a stateless seed pair; one draw per image, keyed by global example index.
+    Returns:
+      (rows, cols, found): int32 [B] each, and bool [B], False where image i has no pixel
+      of classes[i] (its row and column are then 0).
+    """
+    labels = tf.cast(labels, tf.int32)
+    classes = tf.cast(classes, tf.int32)
+    batch, width = tf.shape(labels)[0], tf.shape(labels)[2]
+    flat = tf.reshape(labels, [batch, -1])
+    matches = tf.cast((flat == classes[:, None]) & (classes[:, None] >= 0), tf.int32)
+    count = tf.reduce_sum(matches, axis=1)  # [B]
+    # The k-th matching pixel in raster order, k uniform in [0, count): one draw per image
+    # instead of a score per pixel. 52-bit draws keep k uniform at millions of pixels.
+    u = seeds.per_example_uniform(seed, batch, dtype=tf.float64)
+    k = tf.cast(tf.floor(u * tf.cast(count, tf.float64)), tf.int32)
+    k = tf.minimum(k, count - 1)
+    reached = tf.cast(tf.cumsum(matches, axis=1) > k[:, None], tf.int32)
+    index = tf.argmax(reached, axis=1, output_type=tf.int32)  # first pixel past k matches
+    found = count > 0
+    index = tf.where(found, index, 0)
+    return index // width, index % width, found
+
+
+_CENTRE_STREAM = 1  # the centre draw of class_cutmix_boxes, folded into its seed
+
+
+def class_cutmix_boxes(labels, classes, seed, probability: float = 0.5,
+                       area_range=(0.02, 0.4), ratio_range=(0.3, 1 / 0.3),
+                       candidates: int = 256) -> tf.Tensor:
+    """CutMix boxes centred on a pixel of a given class (AEL's adaptive CutMix, Hu et al.
+    2021): `cutmix_boxes` with each box moved onto a class.
+
+    Whether image i gets a box and its size are those `cutmix_boxes` draws with the same
+    seed; the box is then centred (see `centred_boxes`, cut off at the borders) on a pixel
+    drawn uniformly among those of `labels[i]` equal to `classes[i]`. An image with no
+    such pixel keeps `cutmix_boxes`' uniform placement, so its box is the same.
+
+    Args:
+      labels: int [B, H, W] (e.g. the pseudo-labels of the image pasted inside the box);
+        the mask has this size.
+      classes: int [B], the class each box is centred on (negative: none, uniform box).
+      seed: a stateless seed pair; draws are keyed by global example index.
+    Returns:
+      float32 [B, H, W]: 1 inside the box.
+    """
+    labels = tf.convert_to_tensor(labels)
+    size = tf.shape(labels)
+    drawn, top, left, box_h, box_w = cutmix_box_draws(
+        size[0], size[1], size[2], seed, probability, area_range, ratio_range, candidates)
+    rows, cols, found = class_centres(
+        labels, classes, tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM))
+    top = tf.where(found, _centred_corner(box_h, rows), top)
+    left = tf.where(found, _centred_corner(box_w, cols), left)
+    return rectangle_masks(top, left, box_h, box_w, size[1], size[2], drawn)
 
 
 def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float = 0.5,

@@ -43,15 +43,17 @@ def global_batch_index(batch_size) -> tf.Tensor:
     return tf.cast(replica, tf.int32) * tf.cast(batch_size, tf.int32) + tf.range(batch_size)
 
 
-def per_example_uniform(seed, batch_size, shape=(), minval=0.0, maxval=1.0) -> tf.Tensor:
+def per_example_uniform(seed, batch_size, shape=(), minval=0.0, maxval=1.0,
+                        dtype=tf.float32) -> tf.Tensor:
     """Uniform draws [b, *shape] for this replica's examples, keyed by global index.
 
     The values for global example g do not depend on how the batch is split over replicas.
+    `dtype` float64 gives 52-bit draws, for a choice among millions of pixels.
     """
     _, replicas = replica_position()
     values = tf.random.stateless_uniform(
         tf.concat([[tf.cast(batch_size, tf.int32) * replicas], tf.constant(shape, tf.int32)],
-                  0), seed, minval=minval, maxval=maxval)
+                  0), seed, minval=minval, maxval=maxval, dtype=dtype)
     return tf.gather(values, global_batch_index(batch_size))
 
 
