@@ -60,6 +60,23 @@ def test_class_aware_draw_follows_the_weights():
     np.testing.assert_allclose(same, uniform[:5].numpy(), atol=1e-6)
 
 
+def test_present_class_draw_follows_the_weights_of_the_present_classes():
+    """Images holding classes {0, 2, 3} draw them with weights 1 : 2 : 3 (class 1, the
+    heaviest, is absent); images holding {1, 3} draw 5 : 3; padding (-1) holds none."""
+    weights = np.array([1.0, 5.0, 2.0, 3.0], np.float32)
+    first = np.array([[0, 2, 2], [3, -1, 0]])
+    second = np.array([[1, 1, 1], [3, -1, 3]])
+    labels = np.stack([first] * 6000 + [second] * 6000 + [np.full((2, 3), -1)])
+    uniform = tf.random.stateless_uniform((len(labels), 4), (3, 5))
+    drawn = controls.draw_present_class(labels, 4, uniform, weights).numpy()
+    assert drawn[-1] == -1
+    first_share = np.bincount(drawn[:6000], minlength=4) / 6000
+    np.testing.assert_allclose(first_share, [1 / 6, 0, 2 / 6, 3 / 6], atol=0.02)
+    second_share = np.bincount(drawn[6000:-1], minlength=4) / 6000
+    np.testing.assert_allclose(second_share, [0, 5 / 8, 0, 3 / 8], atol=0.02)
+    assert (drawn[:6000] != 1).all() and np.isin(drawn[6000:-1], [1, 3]).all()
+
+
 def test_stplusplus_stability_and_order_on_hand_made_masks():
     final = np.array([[[0, 0], [1, 1]], [[0, 1], [1, 1]]])
     earlier = [np.array([[[0, 0], [1, 1]], [[0, 0], [0, 1]]]),   # image 0 same; image 1

@@ -15,9 +15,10 @@ default, so a paper config keeps its paper behaviour):
   renormalised, before the argmax (ReMixMatch, Berthelot et al. 2020; DARS, He et al. 2021,
   aligns segmentation pseudo-labels to the labelled distribution): a class the teacher
   over-predicts is damped, one it under-predicts is lifted.
-- `class_aware_scores`: ClassMix's class choice and similar draws favour the classes the
-  teacher is least confident on (AEL's adaptive copy-paste), as a weighted draw without
-  replacement.
+- `class_aware_scores`, `draw_present_class`: ClassMix's class choice and similar draws
+  favour the classes the teacher is least confident on (AEL's adaptive copy-paste and
+  CutMix), as a weighted draw without replacement; UniMatch centres its CutMix boxes on a
+  class drawn so.
 - `unlabelled_class_weights`: the unlabelled loss weighs each pixel by the supervised
   loss's class weight of its pseudo-label. With a class-weighted supervised loss (SegNet's
   median frequency) and an unweighted unlabelled loss the two terms pull the network to
@@ -41,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from kssl import losses
+from kssl.augment import mixing
 from kssl.methods import replicated_state
 
 _EPSILON = 1e-6
@@ -215,6 +217,29 @@ def class_aware_scores(uniform, class_weights) -> tf.Tensor:
     weights = tf.maximum(tf.cast(class_weights, tf.float32), _EPSILON)
     v = 1.0 - tf.cast(uniform, tf.float32)  # in (0, 1]
     return 1.0 - tf.pow(v, 1.0 / weights[None, :])
+
+
+def draw_present_class(labels, num_classes: int, uniform, class_weights) -> tf.Tensor:
+    """One class per image, drawn among the classes present in its label map, class c with
+    probability w_c / (sum of w over the image's present classes).
+
+    The one-class case of `class_aware_scores`' weighted draw, restricted to the present
+    classes: the present class with the smallest score.
+
+    Args:
+      labels: int [B, H, W]; values outside [0, num_classes) (e.g. padding) count for no
+        class.
+      uniform: [B, C] i.i.d. uniform in [0, 1) (e.g. `seeds.per_example_uniform`).
+      class_weights: [C] positive weights (e.g. `mixing_weights`).
+    Returns:
+      int32 [B]: the drawn class, or -1 for an image with no class present.
+    """
+    present = mixing.present_classes(labels, num_classes)
+    # Scores are < 1, so an absent class (key 2) never has the smallest key of an image
+    # that holds any class.
+    keys = tf.where(present, class_aware_scores(uniform, class_weights), 2.0)
+    drawn = tf.argmin(keys, axis=1, output_type=tf.int32)
+    return tf.where(tf.reduce_any(present, axis=1), drawn, -1)
 
 
 def mixing_weights(class_confidence) -> tf.Tensor:
