@@ -1,6 +1,6 @@
-"""UniMatch and FixMatch: CutMix boxes and mixing, loss terms, the pseudo-label controls,
-the feature perturbation, the unlabelled pipeline's views and padding, distribution, and a
-resumed driver run."""
+"""UniMatch and FixMatch: CutMix boxes (also class-aware) and mixing, loss terms, the
+pseudo-label controls, the feature perturbation, the unlabelled pipeline's views and
+padding, distribution, and a resumed driver run."""
 
 
 import keras
@@ -134,6 +134,53 @@ def test_two_views_draw_their_own_boxes_and_jitter():
     assert not np.allclose(views[0].numpy()[outside], views[1].numpy()[outside])
 
 
+def test_class_aware_boxes_favour_the_least_confident_class_of_the_partner():
+    """Every partner holds class 0 (most pixels), class 1 (a block) and class 2 (one
+    pixel); with class confidences (1, 1, 0) the mixing weights are 0.05, 0.05, 1.05, so
+    a box is centred on the class-2 pixel with probability 1.05 / 1.15 = 0.91, and covers
+    it then. Uniform boxes cover it about as often as their area share, below 0.4."""
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, strong_views=2, strong_augment=False,
+                     cutmix_probability=1.0, seed=3, **CLASS_AWARE)
+    model.class_confidence.confidence.assign([1.0, 1.0, 0.0])
+    labels = np.zeros((16, 12, 12), np.int32)
+    labels[:, 6:, :4] = 1
+    spots = [(i % 12, (5 * i + 4) % 12) for i in range(16)]
+    for i, spot in enumerate(spots):
+        labels[(i,) + spot] = 2
+    weak = np.zeros((16, 12, 12, 3), np.float32)
+    boxes, _ = model.mixed_views(tf.constant(weak), tf.constant(weak + 1.0), 0,
+                                 tf.constant(labels))
+    covered = [box.numpy()[(i,) + spot] for box in boxes for i, spot in enumerate(spots)]
+    assert sum(covered) >= 24  # of 32; about 29 expected
+    off = FixMatch(tiny_segmenter(0), NUM_CLASSES, strong_views=2, strong_augment=False,
+                   cutmix_probability=1.0, seed=3)
+    uniform, _ = off.mixed_views(tf.constant(weak), tf.constant(weak + 1.0), 0)
+    assert sum(box.numpy()[(i,) + spot] for box in uniform
+               for i, spot in enumerate(spots)) < 16
+    with pytest.raises(ValueError, match="partner_labels"):
+        model.mixed_views(tf.constant(weak), tf.constant(weak), 0)
+
+
+def test_class_aware_boxes_do_not_depend_on_the_replica_split(two_replicas):
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, cutmix_probability=1.0, seed=0,
+                     **CLASS_AWARE)
+    model.class_confidence.confidence.assign([0.9, 0.3, 0.6])
+    labels = np.random.default_rng(3).integers(-1, NUM_CLASSES, (8, 12, 12)).astype(np.int32)
+    view_seed = seeds.step_seed(5, 2, 10)
+    single = model.class_aware_boxes(tf.constant(labels), view_seed).numpy()
+
+    @tf.function
+    def per_replica(labels):
+        return two_replicas.run(lambda x: model.class_aware_boxes(x, view_seed), (labels,))
+
+    ds = two_replicas.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(labels))
+    split = per_replica(next(iter(ds)))
+    split = np.concatenate([b.numpy() for b in two_replicas.experimental_local_results(split)])
+    np.testing.assert_array_equal(split, single)
+    assert single.any(axis=(1, 2)).all()
+
+
 def test_strong_view_ops_per_image():
     rng = np.random.default_rng(2)
     images = rng.uniform(0, 255, (64, 6, 6, 3)).astype(np.float32)
@@ -215,6 +262,8 @@ PRIOR = np.array([0.6, 0.3, 0.1])
 # Both controls on, with fast-moving running state.
 CONTROLS = dict(thresholds="class_adaptive", distribution_alignment=True, control_decay=0.5,
                 class_prior=PRIOR)
+# Class-aware CutMix boxes alone: the class confidence is kept, the thresholds stay fixed.
+CLASS_AWARE = dict(class_aware_mixing=True, control_decay=0.5)
 
 
 def numpy_align(probs, running):
@@ -248,13 +297,16 @@ def numpy_targets(probs, state, base):
 
 
 @pytest.mark.parametrize("variant", ["unimatch", "fixmatch"])
-@pytest.mark.parametrize("controls", [False, True], ids=["fixed", "controls"])
+@pytest.mark.parametrize("controls", [False, True, "class_aware"],
+                         ids=["fixed", "controls", "class_aware"])
 def test_step_losses_match_a_hand_computation(variant, controls):
     """One step at learning rate 0 of a per-pixel linear network: every term and the total
     from numpy logits, with padding in both batches, a box in every view, and a threshold
     between the confidences. With the controls: their state folds in the weak view's
     counted pixels once, and the weak and the partners' targets are aligned and admitted
-    with the state just updated."""
+    with the state just updated. With class-aware boxes: the boxes are placed on the
+    partners' argmax (padding left out), the class confidence follows the weak view and
+    the thresholds stay fixed."""
     net, kernel, bias = linear_segmenter()
     rng = np.random.default_rng(4)
     size = (6, 7)
@@ -279,14 +331,30 @@ def test_step_losses_match_a_hand_computation(variant, controls):
     admitted = confidence >= np.float32(tau)
     partner_admitted = partner_confidence >= np.float32(tau)
 
+    options = {False: {}, True: CONTROLS, "class_aware": CLASS_AWARE}[controls]
     model = UniMatch(net, NUM_CLASSES, variant=variant, confidence_threshold=tau,
                      strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2,
-                     **(CONTROLS if controls else {}))
+                     **options)
     model.compile(optimizer=keras.optimizers.SGD(0.0))
-    boxes = [b.numpy() > 0 for b in model.mixed_views(tf.constant(weak),
-                                                      tf.constant(partner), 0)[0]]
+    placement = None
+    if controls == "class_aware":
+        placement = tf.constant(np.where(partner_counted, partner_labels, -1), tf.int32)
+    boxes = [b.numpy() > 0 for b in model.mixed_views(
+        tf.constant(weak), tf.constant(partner), 0, placement)[0]]
     logs = eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])[0]
-    if controls:
+    if controls == "class_aware":
+        uniform = UniMatch(linear_segmenter()[0], NUM_CLASSES, variant=variant,
+                           strong_augment=False, cutmix_probability=1.0, seed=2)
+        uniform_boxes = uniform.mixed_views(tf.constant(weak), tf.constant(partner), 0)[0]
+        assert any(not np.array_equal(b, u.numpy() > 0) for b, u in zip(boxes, uniform_boxes))
+        bank = np.ones(NUM_CLASSES)
+        for c in range(NUM_CLASSES):
+            on = (labels == c) & counted
+            if on.any():
+                bank[c] = 0.5 + 0.5 * confidence[on].mean()
+        np.testing.assert_allclose(model.class_confidence.confidence.numpy(), bank, rtol=1e-5)
+        assert model.alignment is None and not np.allclose(bank, 1.0)
+    elif controls:
         start = (PRIOR, np.ones(NUM_CLASSES))
         state = numpy_update(start, probs, counted)
         np.testing.assert_allclose(model.alignment.running.numpy(), state[0], rtol=1e-5)
@@ -375,6 +443,13 @@ def test_controls_are_off_by_default_and_bad_settings_refused():
     assert len(state) == 3 and len(controlled.weights) == len(plain.weights) + 3
     assert all(any(w is v for v in controlled.weights) for w in state)
     assert FixMatch(tiny_segmenter(0), NUM_CLASSES, **CONTROLS).alignment is not None
+    class_aware = FixMatch(tiny_segmenter(0), NUM_CLASSES, confidence_threshold=0.7,
+                           **CLASS_AWARE)
+    assert class_aware.class_confidence is not None and class_aware.alignment is None
+    class_aware.class_confidence.confidence.assign([1.0, 0.5, 0.2])
+    assert class_aware.pixel_thresholds(tf.constant([[0, 1, 2]])) == 0.7  # still fixed
+    with pytest.raises(ValueError, match="second_batch"):
+        FixMatch(tiny_segmenter(0), NUM_CLASSES, mix_source="batch", **CLASS_AWARE)
     with pytest.raises(ValueError, match="class_prior"):
         UniMatch(linear_segmenter()[0], NUM_CLASSES, distribution_alignment=True)
     with pytest.raises(ValueError, match="thresholds"):
@@ -494,10 +569,12 @@ def replica_data():
     {},
     {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
      "ohem_min_kept": 100},
-    CONTROLS], ids=["unimatch", "fixmatch_batch_ohem", "unimatch_controls"])
+    {**CONTROLS, "class_aware_mixing": True}],
+    ids=["unimatch", "fixmatch_batch_ohem", "unimatch_controls_class_aware"])
 def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options):
     """Also the controls' state: from the global batch's counted pixels (the padded rows
-    fall on the second replica), the same copy on each replica, saved and restored."""
+    fall on the second replica), the same copy on each replica, saved and restored; and
+    the class-aware boxes, drawn per global example from that state."""
     def make_method():
         keras.utils.set_random_seed(0)
         net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
@@ -510,7 +587,8 @@ def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options)
         make_method, [replica_data()] * 2, two_replicas, tmp_path,
         optimizer=lambda: keras.optimizers.SGD(0.05, momentum=0.9))
     assert 0 < logs["confident_share"][0] < 1 and logs["strong_loss"][0] > 0
-    if options is CONTROLS:  # the state moved (run_method_test compared and restored it)
+    if options.get("distribution_alignment"):
+        # The state moved (run_method_test compared and restored it).
         assert not np.allclose(single.alignment.running.numpy(), PRIOR)
         assert not np.allclose(single.class_confidence.confidence.numpy(), 1.0)
 

@@ -6,7 +6,8 @@ step, gives the pseudo-labels. A UniMatch step (the released `unimatch.py`), in 
 
 1. the mix partners' weak views are predicted in inference mode, without gradient;
 2. two strong views (colour jitter, grayscale, blur) of every unlabelled image, each with
-   its own CutMix box inside which it shows its partner's strong view;
+   its own CutMix box inside which it shows its partner's strong view (optionally centred
+   on a class of the partner's prediction, `class_aware_mixing`);
 3. one training-mode pass over [labelled; weak] images; the decoder also reads a copy of
    the features it takes from the backbone with whole channels dropped (p = 0.5), which
    gives the feature-perturbed prediction;
@@ -44,7 +45,7 @@ THRESHOLDS = ("fixed", "class_adaptive")
 # Random streams of one step (see kssl.augment.seeds.step_seed). Each strong view k has
 # its own stream _VIEW + k, inside which the images, the partners and the box draw apart.
 _DROPOUT_LABELLED, _DROPOUT_UNLABELLED, _VIEW = 1, 2, 10
-_IMAGES, _PARTNERS, _BOX = 0, 1, 2
+_IMAGES, _PARTNERS, _BOX, _CLASS = 0, 1, 2, 3
 
 
 class UniMatch(SegmentationMethod):
@@ -101,8 +102,22 @@ class UniMatch(SegmentationMethod):
       distribution_alignment: rescale the weak probabilities by the labelled class prior
         over their running class distribution before the argmax and the confidence
         (ReMixMatch; DARS for segmentation; needs `class_prior`, which the driver passes).
+      class_aware_mixing: centre each strong view's CutMix box on a pixel of a class of
+        its partner, the image shown inside the box, so that the classes the network is
+        least sure of are pasted most (AEL's adaptive CutMix; Hu et al., "Semi-Supervised
+        Semantic Segmentation via Adaptive Equalization Learning", NeurIPS 2021). Per
+        image and view, a class is drawn among those of the partner's inference-mode
+        pseudo-labels of step 1 (on its counted pixels; aligned with the stored running
+        distribution under `distribution_alignment`), weighted by
+        `pseudo_label_controls.mixing_weights` of the running class confidence as the step
+        starts, and the box is centred on a uniform pixel of that class (cut off at the
+        borders); whether there is a box, and its size, are drawn as without the option.
+        The running class confidence is kept (and updated as for class-adaptive
+        thresholds) even with fixed thresholds. Needs mix_source="second_batch", whose
+        partners are predicted before the strong views. Off: the released code, which
+        places the boxes uniformly.
       control_decay: decay of the running class confidence and class distribution of
-        those two controls (0.99). They are controls against confirmation bias (see
+        those controls (0.99). They are controls against confirmation bias (see
         `pseudo_label_controls`), off by default: the released code. Their state is
         updated once per step from the weak view's training-mode probabilities on the
         counted (not padding) pixels of the unlabelled images, over the global batch; the
@@ -128,8 +143,8 @@ class UniMatch(SegmentationMethod):
                  supervised_criterion: str = "cross_entropy", ohem_threshold: float = 0.7,
                  ohem_min_kept: int = 100000, backbone_lr_multiplier: float = 1.0,
                  thresholds: str = "fixed", distribution_alignment: bool = False,
-                 control_decay: float = 0.99, unsup_class_weights: bool = False,
-                 seed: Optional[int] = None, **kwargs):
+                 class_aware_mixing: bool = False, control_decay: float = 0.99,
+                 unsup_class_weights: bool = False, seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("variant", variant, VARIANTS),
                                      ("mix_source", mix_source, MIX_SOURCES),
                                      ("supervised_criterion", supervised_criterion,
@@ -152,6 +167,10 @@ class UniMatch(SegmentationMethod):
             raise ValueError("UniMatch thresholds='class_adaptive' scales confidence_threshold, "
                              f"which is {confidence_threshold!r}: every class's threshold "
                              "would stay 0")
+        if class_aware_mixing and mix_source != "second_batch":
+            raise ValueError("UniMatch class_aware_mixing centres the boxes on the partners' "
+                             "pseudo-labels, which only mix_source='second_batch' predicts "
+                             f"before the strong views; got mix_source={mix_source!r}")
         self.feature_perturbation = fp_weight > 0
         if self.feature_perturbation:
             missing = [a for a in ("features", "logits_from_features", "head_input_blocks")
@@ -187,9 +206,11 @@ class UniMatch(SegmentationMethod):
         self.unsup_class_weights = controls.unlabelled_class_weights(
             "UniMatch", unsup_class_weights, self.class_weights)
         self.thresholds = thresholds
+        self.class_aware_mixing = class_aware_mixing
         self.class_confidence, self.alignment = controls.control_layers(
-            "UniMatch", num_classes, self.class_prior, thresholds == "class_adaptive",
-            distribution_alignment, control_decay)
+            "UniMatch", num_classes, self.class_prior,
+            thresholds == "class_adaptive" or class_aware_mixing, distribution_alignment,
+            control_decay)
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -264,7 +285,9 @@ class UniMatch(SegmentationMethod):
     def pixel_thresholds(self, pseudo_labels, class_confidence=None):
         """The confidence a pixel must reach: the fixed threshold, or its pseudo-label's
         class-adaptive one from `class_confidence` (default: the stored one)."""
-        if self.class_confidence is not None and class_confidence is None:
+        if self.thresholds != "class_adaptive":
+            class_confidence = None  # kept for class-aware mixing alone
+        elif class_confidence is None:
             class_confidence = self.class_confidence.confidence
         return controls.pixel_thresholds(pseudo_labels, class_confidence,
                                          self.confidence_threshold)
@@ -273,10 +296,41 @@ class UniMatch(SegmentationMethod):
         """The strong photometric view of images (unchanged without strong_augment)."""
         return images if self.strong_augment is None else self.strong_augment(images, seed)
 
-    def mixed_views(self, weak, partner_weak, step):
+    def placement_labels(self, partner_logits, partner_counted):
+        """The partners' pseudo-labels class-aware mixing centres the boxes on: the argmax
+        of their inference-mode probabilities [aligned with the stored running
+        distribution: this step's is folded in later, from the training-mode pass that
+        needs the boxes], -1 (no class) on padding."""
+        probs = self.probabilities(partner_logits)
+        if self.alignment is not None:
+            probs = self.alignment.rescale(probs)
+        labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
+        return tf.where(partner_counted, labels, -1)
+
+    def class_aware_boxes(self, partner_labels, view_seed):
+        """One view's CutMix boxes [B, H, W], each centred on a pixel of a class of its
+        partner: a class drawn among those in `partner_labels[i]`, favouring the classes
+        the network is least confident on (the stored running class confidence), then a
+        uniform pixel of it (see `mixing.class_cutmix_boxes`; a partner without a counted
+        pixel keeps the uniform box)."""
+        fold = tf.random.experimental.stateless_fold_in
+        uniform = seeds.per_example_uniform(fold(view_seed, _CLASS),
+                                            tf.shape(partner_labels)[0], (self.num_classes,))
+        classes = controls.draw_present_class(
+            partner_labels, self.num_classes, uniform,
+            controls.mixing_weights(self.class_confidence.confidence))
+        return mixing.class_cutmix_boxes(partner_labels, classes, fold(view_seed, _BOX),
+                                         **self.cutmix)
+
+    def mixed_views(self, weak, partner_weak, step, partner_labels=None):
         """(boxes, views): for each strong view k, the CutMix box [B, H, W] and the strong
         view of the weak images showing the partner's strong view inside the box. Partners:
-        `partner_weak` ("second_batch") or the next image of the batch ("batch")."""
+        `partner_weak` ("second_batch") or the next image of the batch ("batch").
+        `partner_labels`: the partners' `placement_labels`, which class-aware mixing
+        needs."""
+        if self.class_aware_mixing and partner_labels is None:
+            raise ValueError("class-aware mixing places the boxes on the partners' "
+                             "placement_labels; pass partner_labels")
         fold = tf.random.experimental.stateless_fold_in
         size = tf.shape(weak)
         boxes, views = [], []
@@ -287,8 +341,11 @@ class UniMatch(SegmentationMethod):
                 partner = self.strong(partner_weak, fold(view_seed, _PARTNERS))
             else:
                 partner = mixing.next_in_batch(own)
-            box = mixing.cutmix_boxes(size[0], size[1], size[2], fold(view_seed, _BOX),
-                                      **self.cutmix)
+            if self.class_aware_mixing:
+                box = self.class_aware_boxes(partner_labels, view_seed)
+            else:
+                box = mixing.cutmix_boxes(size[0], size[1], size[2], fold(view_seed, _BOX),
+                                          **self.cutmix)
             boxes.append(box)
             views.append(mixing.mix(box, partner, own))
         return boxes, views
@@ -367,11 +424,15 @@ class UniMatch(SegmentationMethod):
 
         # 1. The partners of the second batch are predicted in inference mode (moving
         #    batch-norm statistics, nothing updated), without gradient.
+        partner_labels = None
         if self.mix_source == "second_batch":
             partner_logits = self.segmenter(partner_weak, training=False)
+            if self.class_aware_mixing:
+                partner_labels = self.placement_labels(partner_logits, partner_counted)
         # 2. Strong views of the images and of their partners; each view has its own box,
-        #    inside which it shows the partner's view.
-        boxes, views = self.mixed_views(weak, partner_weak, step)
+        #    inside which it shows the partner's view (with class_aware_mixing, centred on
+        #    a class of the partner's prediction).
+        boxes, views = self.mixed_views(weak, partner_weak, step, partner_labels)
 
         with tf.GradientTape() as tape:
             # 3. One training-mode pass over [labelled; weak], with the perturbed decoder
