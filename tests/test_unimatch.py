@@ -566,15 +566,18 @@ def replica_data():
 
 
 @pytest.mark.parametrize("options", [
-    {},
     {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
      "ohem_min_kept": 100},
-    {**CONTROLS, "class_aware_mixing": True}],
-    ids=["unimatch", "fixmatch_batch_ohem", "unimatch_controls_class_aware"])
+    {**CONTROLS, "class_aware_mixing": True, "class_weights": [0.5, 1.0, 3.0],
+     "unsup_class_weights": True}],
+    ids=["fixmatch_batch_ohem", "unimatch_controls_class_aware_weighted"])
 def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options):
-    """Also the controls' state: from the global batch's counted pixels (the padded rows
-    fall on the second replica), the same copy on each replica, saved and restored; and
-    the class-aware boxes, drawn per global example from that state."""
+    """The released UniMatch step with every control on (the plain step runs the same
+    operations less the controls), and FixMatch's other paths. Also the controls' state:
+    from the global batch's counted pixels (the padded rows fall on the second replica),
+    the same copy on each replica, saved and restored; the class-aware boxes, drawn per
+    global example from that state; the class-weighted unlabelled terms, normalised by
+    global sums."""
     def make_method():
         keras.utils.set_random_seed(0)
         net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
