@@ -446,13 +446,23 @@ def masks_mean_iou(predicted, truth):
         evaluation.confusion_from_labels(truth[i], predicted[i], 7) for i in predicted))
 
 
-def test_reliable_share_blanks_stage_1_masks_of_the_unstable_images(tmp_path, capsys):
+def test_reliable_share_blanks_stage_1_masks_of_the_unstable_images(tmp_path, capsys,
+                                                                    monkeypatch):
     from kssl import run_files
     from kssl.methods.pseudo_label_controls import select_reliable, stability_scores
 
+    fit = ThreeStage.fit
+
+    def stop_before_stage_3(self, *args, **kwargs):  # stage 3 reads no selection
+        if self.stage == 3:
+            raise RuntimeError("stage 3 not needed")
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreeStage, "fit", stop_before_stage_3)
     workdir = str(tmp_path / "run")
     config.parse([], [RELIABLE])
-    training.train(workdir)
+    with pytest.raises(RuntimeError, match="stage 3 not needed"):
+        training.train(workdir)
     stage_1 = os.path.join(workdir, "stage_1")
     snapshots = [PseudoMaskStore(os.path.join(stage_1, "reliability", f"step_{step:06d}"))
                  for step in (1, 2)]  # 4 steps, K = 3: after 4 // 3 and 8 // 3 steps
@@ -498,7 +508,8 @@ def test_reliable_share_blanks_stage_1_masks_of_the_unstable_images(tmp_path, ca
     os.remove(os.path.join(stage_1, "metrics.json"))
     capsys.readouterr()
     config.parse([], [RELIABLE])
-    training.train(workdir)
+    with pytest.raises(RuntimeError, match="stage 3 not needed"):
+        training.train(workdir)
     assert "no prediction snapshot of step(s) [1]" in capsys.readouterr().out
     kept, dropped = expected_selection(snapshots[1:])
     check_stage_1(kept, dropped, [2])
