@@ -10,7 +10,7 @@ from kssl import models
 from kssl.augment import mixing, seeds
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import GuidedMix, GuidedMixReleased
-from kssl.methods.guidedmix import (nearest_partners, present_classes, random_other_partners,
+from kssl.methods.guidedmix import (nearest_partners, random_other_partners,
                                     random_partners)
 from kssl.methods.schedules import sigmoid_rampup
 from kssl.models.heads import MITrans, PSPUNetHead
@@ -89,7 +89,7 @@ def test_classifier_targets_are_the_classes_present_outside_ignore():
     masks = np.full((3, 2, 3), IGNORE_LABEL, np.int32)
     masks[0, 0, :2] = [0, 2]
     masks[1] = 3
-    targets = present_classes(masks, NUM_CLASSES, IGNORE_LABEL).numpy()
+    targets = mixing.present_classes(masks, NUM_CLASSES).numpy()
     np.testing.assert_array_equal(targets, [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
 
 
