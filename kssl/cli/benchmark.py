@@ -185,8 +185,9 @@ def append_row(path: str, table: str, row: str, header: Optional[str] = None) ->
             end = 3
         lines.insert(end, row)
         text = head + marker + "\n".join(lines)
-    with open(path, "w") as f:
-        f.write(text)
+    from kssl import run_files
+
+    run_files.write_text(path, text)  # atomically: a kill never halves the file
 
 
 def check_pipeline_table(path: str, table: str) -> None:
