@@ -201,8 +201,11 @@ def test_strong_view_ops_per_image():
 
 
 # -- loss terms -----------------------------------------------------------------------------
-def test_unlabelled_loss_counts_admitted_pixels_over_counted_ones():
-    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, seed=0)
+@pytest.mark.parametrize("class_weights", [None, [0.5, 2.0, 4.0]])
+def test_unlabelled_loss_counts_admitted_pixels_over_counted_ones(class_weights):
+    """Unweighted, and with `unsup_class_weights` a mean weighted by the class weights."""
+    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, class_weights=class_weights,
+                     unsup_class_weights=class_weights is not None, seed=0)
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(1, 2, 3, NUM_CLASSES)).astype(np.float32)
     labels = np.array([[[0, 1, 2], [2, 1, 0]]], np.int32)
@@ -210,30 +213,12 @@ def test_unlabelled_loss_counts_admitted_pixels_over_counted_ones():
     counted = np.array([[[True, True, True], [False, True, True]]])
     got = model.unlabelled_loss(logits, labels, admitted, counted).numpy()
     ce = pixel_cross_entropy(logits, labels)
-    # Admitted and counted: pixels (0,0), (0,2), (1,1); the padded (1,0) is neither in the
-    # sum nor in the count, which holds the 5 counted pixels, admitted or not.
-    want = (ce[0, 0, 0] + ce[0, 0, 2] + ce[0, 1, 1]) / 5
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-
-
-def test_class_weighted_unlabelled_loss_is_a_weighted_mean_over_counted_pixels():
-    with pytest.raises(ValueError, match="class weights"):
-        FixMatch(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True, seed=0)
-    weights = np.array([0.5, 2.0, 4.0], np.float32)
-    model = FixMatch(tiny_segmenter(0), NUM_CLASSES, class_weights=weights,
-                     unsup_class_weights=True, seed=0)
-    rng = np.random.default_rng(5)
-    logits = rng.normal(size=(1, 2, 3, NUM_CLASSES)).astype(np.float32)
-    labels = np.array([[[0, 1, 2], [2, 1, 0]]], np.int32)
-    admitted = np.array([[[True, False, True], [True, True, False]]])
-    counted = np.array([[[True, True, True], [False, True, True]]])
-    got = model.unlabelled_loss(logits, labels, admitted, counted).numpy()
-    ce = pixel_cross_entropy(logits, labels)
-    # Numerator: admitted, counted pixels (0,0) class 0, (0,2) class 2, (1,1) class 1, each
-    # times its class weight. Denominator: the weights of the 5 counted pixels' classes
-    # 0, 1, 2, 1, 0, admitted or not.
-    want = (0.5 * ce[0, 0, 0] + 4.0 * ce[0, 0, 2] + 2.0 * ce[0, 1, 1]) / (
-        0.5 + 2.0 + 4.0 + 2.0 + 0.5)
+    w = np.ones(NUM_CLASSES) if class_weights is None else np.array(class_weights)
+    # Admitted and counted: pixels (0,0) of class 0, (0,2) of class 2, (1,1) of class 1;
+    # the padded (1,0) is neither in the sum nor in the count, which holds the 5 counted
+    # pixels (classes 0, 1, 2, 1, 0), admitted or not, each counting its class's weight.
+    want = (w[0] * ce[0, 0, 0] + w[2] * ce[0, 0, 2] + w[1] * ce[0, 1, 1]) / (
+        w[0] + w[1] + w[2] + w[1] + w[0])
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -457,6 +442,8 @@ def test_controls_are_off_by_default_and_bad_settings_refused():
     with pytest.raises(ValueError, match="confidence_threshold"):  # 0 scales to 0
         UniMatch(linear_segmenter()[0], NUM_CLASSES, confidence_threshold=0.0,
                  thresholds="class_adaptive")
+    with pytest.raises(ValueError, match="class weights"):  # none to weigh by
+        FixMatch(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True, seed=0)
 
 
 def numpy_ohem(logits, labels, threshold, min_kept):
