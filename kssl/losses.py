@@ -24,9 +24,10 @@ def replica_sum(value: tf.Tensor) -> tf.Tensor:
 
 
 def global_mean(total: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-    """This replica's share of the global mean: local total / global count."""
+    """This replica's share of the global mean: local total / global count (0 when
+    nothing counts). `count` may be a sum of weights below 1 (a class-weighted mean)."""
     count = replica_sum(tf.cast(count, tf.float32))
-    return tf.cast(total, tf.float32) / tf.maximum(count, 1.0)
+    return tf.cast(total, tf.float32) / tf.where(count > 0.0, count, 1.0)
 
 
 def pixel_cross_entropy(logits: tf.Tensor, labels: tf.Tensor,

@@ -68,10 +68,13 @@ def write_text(path: str, text: str) -> None:
 
 def output_file_problem(path: str, overwrite: bool = False, flag: str = "--output"):
     """Why a tool must not write its one output file at `path`, or None: a folder is
-    there, or a file is and `overwrite` was not asked for (a tool replaces nobody's file
+    there, its folder is not, or a file is there and `overwrite` was not asked for (a tool replaces nobody's file
     unasked). Checked before any work, so a refused run costs nothing."""
     if os.path.isdir(path):
         return f"{flag} {path} is a folder; expected the name of a file to write"
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: no folder {folder} to write it in"
     if os.path.exists(path) and not overwrite:
         return f"{flag} {path} already exists; pass --overwrite to replace it"
     return None

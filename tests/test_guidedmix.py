@@ -10,8 +10,8 @@ from kssl import models
 from kssl.augment import mixing, seeds
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import GuidedMix, GuidedMixReleased
-from kssl.methods.guidedmix import (nearest_partners, random_other_partners,
-                                    random_partners)
+from kssl.methods.guidedmix import (classifier_targets, nearest_partners,
+                                    random_other_partners, random_partners)
 from kssl.methods.schedules import sigmoid_rampup
 from kssl.models.heads import MITrans, PSPUNetHead
 from kssl.models.heads.psp_unet import adaptive_average_pool
@@ -89,8 +89,12 @@ def test_classifier_targets_are_the_classes_present_outside_ignore():
     masks = np.full((3, 2, 3), IGNORE_LABEL, np.int32)
     masks[0, 0, :2] = [0, 2]
     masks[1] = 3
-    targets = mixing.present_classes(masks, NUM_CLASSES).numpy()
+    targets = classifier_targets(masks, NUM_CLASSES, IGNORE_LABEL).numpy()
     np.testing.assert_array_equal(targets, [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    # An ignore label among the class ids is skipped too.
+    masks = np.array([[[0, 2, 2]], [[1, 3, 3]]], np.int32)
+    np.testing.assert_array_equal(classifier_targets(masks, NUM_CLASSES, 2).numpy(),
+                                  [[1, 0, 0, 0], [0, 1, 0, 1]])
 
 
 def test_mitrans_is_the_identity_at_initialisation_and_attends_over_positions():

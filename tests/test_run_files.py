@@ -355,4 +355,5 @@ def test_a_tool_writes_its_output_file_only_where_nothing_is_or_when_asked(tmp_p
     assert run_files.output_file_problem(str(existing), overwrite=True) is None
     # A folder is never replaced by a file, --overwrite or not.
     assert "is a folder" in run_files.output_file_problem(str(tmp_path), overwrite=True)
+    assert "no folder" in run_files.output_file_problem(str(tmp_path / "missing" / "a.json"))
     assert existing.read_text() == "someone's notes"

@@ -107,6 +107,14 @@ def random_other_partners(seed, batch_size) -> tf.Tensor:
     return (tf.range(b) + shift) % b
 
 
+def classifier_targets(masks: tf.Tensor, num_classes: int, ignore_label: int) -> tf.Tensor:
+    """The image-level classifier's multi-hot targets [B, C]: 1 where class c occurs in
+    image b's mask, ignore pixels skipped whatever the ignore label's value."""
+    masks = tf.cast(masks, tf.int32)
+    labels = tf.where(tf.equal(masks, ignore_label), -1, masks)  # -1 counts for no class
+    return tf.cast(mixing.present_classes(labels, num_classes), tf.float32)
+
+
 def check_choices(method: str, choices) -> None:
     """Raises a ValueError for the first (name, value, allowed) whose value is not allowed."""
     for name, value, allowed in choices:
@@ -281,8 +289,7 @@ class GuidedMix(GuidedMixBase):
             pooled = tf.reduce_mean(tf.cast(encoded_l, tf.float32), axis=[1, 2])
             terms["classifier_loss"] = losses.multilabel_cross_entropy(
                 self.image_classifier(pooled),
-                tf.cast(mixing.present_classes(self.classes_or_none(masks),
-                                               self.num_classes), tf.float32))
+                classifier_targets(masks, self.num_classes, self.ignore_label))
             keys = tf.stop_gradient(self._pairing_features(encoded_l))
             queries = tf.stop_gradient(self._pairing_features(features_u[self.encoder_block]))
             partners = nearest_partners(queries, keys)
@@ -379,12 +386,6 @@ class GuidedMix(GuidedMixBase):
     def _representation(self, logits):
         logits = tf.cast(logits, tf.float32)
         return tf.nn.softmax(logits) if self.decouple_on == "probabilities" else logits
-
-    def classes_or_none(self, masks):
-        """Masks with the ignore label as -1, which `mixing.present_classes` counts for no
-        class whatever the ignore label's value."""
-        masks = tf.cast(masks, tf.int32)
-        return tf.where(tf.equal(masks, self.ignore_label), -1, masks)
 
     def _pairing_features(self, encoded):
         encoded = tf.cast(encoded, tf.float32)

@@ -202,6 +202,8 @@ class MKD(SegmentationMethod):
                    + (augmentation_logs if feature_augment else ())
                    + (("confident_share",) if confidence_threshold is not None else ()))
         super().__init__(segmenter, num_classes, tracked_losses=tracked, **kwargs)
+        self.unsup_class_weights = controls.unlabelled_class_weights(
+            "MKD", unsup_class_weights, self.class_weights)
         self.alpha = alpha
         self.beta = beta
         self.confidence_threshold = confidence_threshold
@@ -250,8 +252,6 @@ class MKD(SegmentationMethod):
         # confidence and class bias drift apart from the other's, and the two targets
         # supervise different students; a shared state would let one teacher's bias set
         # the other's thresholds.
-        self.unsup_class_weights = controls.unlabelled_class_weights(
-            "MKD", unsup_class_weights, self.class_weights)
         self.thresholds = thresholds
         layers = {name: controls.control_layers(
                       "MKD", num_classes, self.class_prior, thresholds == "class_adaptive",

@@ -183,6 +183,8 @@ class UniMatch(SegmentationMethod):
         tracked += ("fp_loss",) if self.feature_perturbation else ()
         super().__init__(segmenter, num_classes,
                          tracked_losses=tracked + ("confident_share",), **kwargs)
+        self.unsup_class_weights = controls.unlabelled_class_weights(
+            "UniMatch", unsup_class_weights, self.class_weights)
         self.variant = variant
         self.confidence_threshold = float(confidence_threshold)
         self.strong_views = strong_views
@@ -203,8 +205,6 @@ class UniMatch(SegmentationMethod):
         self.build_networks()
         # Pseudo-label controls (state in Keras weights: saved with the checkpoints; none
         # when off, so the released recipe's checkpoints keep their layout).
-        self.unsup_class_weights = controls.unlabelled_class_weights(
-            "UniMatch", unsup_class_weights, self.class_weights)
         self.thresholds = thresholds
         self.class_aware_mixing = class_aware_mixing
         self.class_confidence, self.alignment = controls.control_layers(
