@@ -244,7 +244,11 @@ def draw_present_class(labels, num_classes: int, uniform, class_weights) -> tf.T
 
 def mixing_weights(class_confidence) -> tf.Tensor:
     """Class weights of class-aware mixing: 1 - confidence (plus a floor), so the classes
-    the teacher is least sure of are pasted most often."""
+    the teacher is least sure of are pasted most often. A class the teacher has not yet
+    assigned to any pixel keeps the starting confidence 1 and the floor weight; the draws
+    are among the classes a label map holds, so such a class is rarely a candidate, and
+    its confidence follows the teacher's from the first batch that predicts it (at the
+    control decay's pace)."""
     return 1.0 - tf.cast(class_confidence, tf.float32) + 0.05
 
 
