@@ -510,12 +510,54 @@ def test_bad_control_settings_are_refused():
         MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, thresholds="adaptive")
 
 
+def test_class_aware_boxes_follow_the_teachers_mean_labels_and_least_confident_class():
+    """Class-aware mixing: the placement labels are the argmax of the two teachers' mean
+    aligned probabilities (numpy), resized to the input; the class is drawn among each
+    image's classes with weight 1 - mean confidence + 0.05, so with confidences
+    (1, 1, 0) class 2 is drawn with chance 1.05 / 1.15 where all three are present; the
+    fixed threshold stays fixed."""
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0,
+                confidence_threshold=0.7, class_aware_mixing=True,
+                distribution_alignment=True, class_prior=PRIOR)
+    assert model.thresholds == "fixed" and set(model.class_confidence) == set(mkd.TEACHERS)
+    running = {"teacher_1": [0.5, 0.3, 0.2], "teacher_2": [0.7, 0.2, 0.1]}
+    for name in mkd.TEACHERS:
+        model.alignment[name].running.assign(running[name])
+    model.class_confidence["teacher_1"].confidence.assign([1.0, 0.8, 0.2])
+    model.class_confidence["teacher_2"].confidence.assign([1.0, 1.2, -0.2])  # mean (1, 1, 0)
+    np.testing.assert_allclose(model.pixel_thresholds("teacher_1", tf.constant([[0, 1, 2]])),
+                               0.7)
+    rng = np.random.default_rng(3)
+    batch = 400
+    logits = {name: rng.normal(size=(batch, 4, 4, NUM_CLASSES)).astype(np.float32) * 3
+              for name in mkd.TEACHERS}
+    # Every image holds all three classes in teacher 1's confident corner pixels.
+    for c in range(NUM_CLASSES):
+        logits["teacher_1"][:, 0, c, c] += 40.0
+    outputs = {name: (None, tf.constant(z)) for name, z in logits.items()}
+    labels, classes = (t.numpy() for t in model.box_classes(outputs, (8, 8), step=5))
+
+    def aligned(z, run):
+        a = softmax(np.asarray(z, np.float64)) * PRIOR / np.array(run)
+        return a / a.sum(-1, keepdims=True)
+
+    mean = sum(aligned(logits[n], running[n]) for n in mkd.TEACHERS) / 2
+    np.testing.assert_array_equal(labels, np.kron(mean.argmax(-1), np.ones((2, 2), int)))
+    assert all(set(np.unique(labels[i])) == {0, 1, 2} for i in range(batch))
+    share = (classes == 2).mean()  # 400 draws: standard deviation about 0.014
+    assert abs(share - 1.05 / 1.15) < 0.05, share
+    assert set(np.unique(classes)) == {0, 1, 2}
+
+
 # -- distribution and the teachers ---------------------------------------------------------
 STEPS = 3
 
 
 def make_mkd():
-    return MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0)
+    # Class-aware boxes: the teachers then run before the boxes are drawn, and the boxes
+    # follow their pseudo-labels and the replicated class confidence.
+    return MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0,
+               class_aware_mixing=True)
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,36 @@ def class_mix_masks(labels: tf.Tensor, num_classes: int, scores: tf.Tensor) -> t
     return tf.cast(tf.gather(chosen, labels, batch_dims=1), tf.float32)
 
 
+def box_mask_draws(batch_size, height, width, seed, num_boxes: int = 1,
+                   proportion_range=(0.5, 0.5)) -> tuple:
+    """The boxes of `box_masks`: (top, left, box_h, box_w), float32 [B, num_boxes] whole
+    numbers each, every box inside the image (see `box_masks` for the draw)."""
+    low, high = proportion_range
+    draws = seeds.per_example_uniform(seed, batch_size, (num_boxes, 4))
+    proportion = low + (high - low) * draws[..., 0]
+    aspect = draws[..., 1]
+    scale = 1.0 / math.sqrt(num_boxes)
+    height_f = tf.cast(height, tf.float32)
+    width_f = tf.cast(width, tf.float32)
+    box_h = tf.round(tf.pow(proportion, aspect) * scale * height_f)
+    box_w = tf.round(tf.pow(proportion, 1.0 - aspect) * scale * width_f)
+    top = tf.floor(draws[..., 2] * (height_f - box_h + 1.0))
+    left = tf.floor(draws[..., 3] * (width_f - box_w + 1.0))
+    return top, left, box_h, box_w
+
+
+def xor_rectangles(top, left, box_h, box_w, height, width) -> tf.Tensor:
+    """float32 [B, height, width]: 1 where an odd number of image i's rectangles
+    (float [B, k] whole numbers: rows top..top+box_h-1, columns left..left+box_w-1, cut
+    off at the borders) cover the pixel, 0 elsewhere."""
+    rows = tf.range(tf.cast(height, tf.float32))[None, None, :, None]
+    cols = tf.range(tf.cast(width, tf.float32))[None, None, None, :]
+    top, left, box_h, box_w = (tf.cast(x, tf.float32)[..., None, None]
+                               for x in (top, left, box_h, box_w))
+    inside = ((rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w))
+    return tf.cast(tf.reduce_sum(tf.cast(inside, tf.int32), axis=1) % 2, tf.float32)
+
+
 def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
               proportion_range=(0.5, 0.5)) -> tf.Tensor:
     """Box (CutMix) masks: 1 inside `num_boxes` random rectangles per image, 0 outside.
@@ -124,23 +154,8 @@ def box_masks(batch_size, height, width, seed, num_boxes: int = 1,
     Returns:
       float32 [B, height, width].
     """
-    low, high = proportion_range
-    draws = seeds.per_example_uniform(seed, batch_size, (num_boxes, 4))
-    proportion = low + (high - low) * draws[..., 0]
-    aspect = draws[..., 1]
-    scale = 1.0 / math.sqrt(num_boxes)
-    height_f = tf.cast(height, tf.float32)
-    width_f = tf.cast(width, tf.float32)
-    box_h = tf.round(tf.pow(proportion, aspect) * scale * height_f)
-    box_w = tf.round(tf.pow(proportion, 1.0 - aspect) * scale * width_f)
-    top = tf.floor(draws[..., 2] * (height_f - box_h + 1.0))
-    left = tf.floor(draws[..., 3] * (width_f - box_w + 1.0))
-    rows = tf.range(height_f)[None, None, :, None]
-    cols = tf.range(width_f)[None, None, None, :]
-    inside_rows = (rows >= top[..., None, None]) & (rows < (top + box_h)[..., None, None])
-    inside_cols = (cols >= left[..., None, None]) & (cols < (left + box_w)[..., None, None])
-    inside = tf.cast(inside_rows & inside_cols, tf.int32)  # [B, k, H, W]
-    return tf.cast(tf.reduce_sum(inside, axis=1) % 2, tf.float32)
+    boxes = box_mask_draws(batch_size, height, width, seed, num_boxes, proportion_range)
+    return xor_rectangles(*boxes, height, width)
 
 
 def cutmix_box_draws(batch_size, height, width, seed, probability: float = 0.5,
@@ -302,6 +317,40 @@ def class_cutmix_boxes(labels, classes, seed, probability: float = 0.5,
     top = tf.where(found, _centred_corner(box_h, rows), top)
     left = tf.where(found, _centred_corner(box_w, cols), left)
     return rectangle_masks(top, left, box_h, box_w, size[1], size[2], drawn)
+
+
+def class_box_masks(labels, classes, seed, num_boxes: int = 1,
+                    proportion_range=(0.5, 0.5)) -> tf.Tensor:
+    """`box_masks` with every box of image i centred on a pixel of class `classes[i]`
+    (AEL's adaptive CutMix, Hu et al. 2021, for MKD's several XOR-combined boxes).
+
+    The boxes' sizes are those `box_masks` draws with the same seed; box j is then
+    centred (its row floor(box_h / 2) and column floor(box_w / 2) on the pixel, cut off at
+    the borders) on a pixel drawn uniformly, for each box on its own, among those of
+    `labels[i]` equal to `classes[i]`. An image with no such pixel keeps `box_masks`'
+    uniform placement, so its mask is the same.
+
+    Args:
+      labels: int [B, H, W] (e.g. the pseudo-labels of the image shown inside the boxes);
+        the mask has this size.
+      classes: int [B], the class the boxes of each image are centred on (negative: none).
+      seed: a stateless seed pair; draws are keyed by global example index.
+    Returns:
+      float32 [B, H, W]: 1 where an odd number of the image's boxes cover the pixel.
+    """
+    labels = tf.convert_to_tensor(labels)
+    size = tf.shape(labels)
+    top, left, box_h, box_w = box_mask_draws(size[0], size[1], size[2], seed, num_boxes,
+                                             proportion_range)
+    centre_seed = tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM)
+    tops, lefts = [], []
+    for j in range(num_boxes):
+        rows, cols, found = class_centres(
+            labels, classes, tf.random.experimental.stateless_fold_in(centre_seed, j))
+        tops.append(tf.where(found, _centred_corner(box_h[:, j], rows), top[:, j]))
+        lefts.append(tf.where(found, _centred_corner(box_w[:, j], cols), left[:, j]))
+    return xor_rectangles(tf.stack(tops, axis=1), tf.stack(lefts, axis=1), box_h, box_w,
+                          size[1], size[2])
 
 
 def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float = 0.5,

@@ -62,7 +62,7 @@ from kssl.models.layers import resize_bilinear, spatial_size
 from kssl.models.segmenter import Segmenter
 
 # Random streams of one step (see kssl.augment.seeds.step_seed).
-_MASK_STREAM, _STRONG_STREAM = 1, 2
+_MASK_STREAM, _STRONG_STREAM, _CLASS_STREAM = 1, 2, 3
 
 NETWORKS = ("student_1", "student_2", "teacher_1", "teacher_2")
 TEACHERS = NETWORKS[2:]
@@ -107,6 +107,18 @@ class MKD(SegmentationMethod):
         unlabelled batch; its targets on the labelled images are thresholded and aligned
         with that state but not counted in it (predictions fitted to their masks would
         hide the teacher's bias on the unlabelled images).
+      class_aware_mixing: centre every CutMix box of image i on a pixel of one class of
+        its weak view, so that the classes the teachers are least sure of are pasted most
+        (AEL's adaptive CutMix; Hu et al., NeurIPS 2021). Per image, a class is drawn
+        among those of the teachers' pseudo-labels (the argmax of the two teachers' mean
+        probabilities, before the feature augmentation), weighted by
+        `pseudo_label_controls.mixing_weights` of the two teachers' mean running class
+        confidence as the step starts; each box keeps its drawn size and is centred on a
+        uniform pixel of that class (`mixing.class_box_masks`). The teachers then run on
+        the unlabelled images before the boxes are drawn (the same outputs are mixed),
+        and each keeps its running class confidence as for class-adaptive thresholds
+        (the thresholds stay fixed unless `thresholds='class_adaptive'`). Off: the
+        paper's uniform boxes.
       unsup_class_weights: weight each pixel of the four consistency terms by the
         supervised loss's class weight of its target (teacher's or other student's
         argmax), normalised by the sum of those weights (see `losses.masked_cross_entropy`;
@@ -176,7 +188,7 @@ class MKD(SegmentationMethod):
                  share_backbone_init: bool = True, inference: str = "student_1",
                  thresholds: str = "fixed", distribution_alignment: bool = False,
                  control_decay: float = 0.99, unsup_class_weights: bool = False,
-                 seed: Optional[int] = None, **kwargs):
+                 class_aware_mixing: bool = False, seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("teacher_bn", teacher_bn, ("batch", "ema")),
                                      ("lambda_schedule", lambda_schedule,
                                       ("cosine", "linear")),
@@ -253,8 +265,10 @@ class MKD(SegmentationMethod):
         # supervise different students; a shared state would let one teacher's bias set
         # the other's thresholds.
         self.thresholds = thresholds
+        self.class_aware_mixing = class_aware_mixing
         layers = {name: controls.control_layers(
-                      "MKD", num_classes, self.class_prior, thresholds == "class_adaptive",
+                      "MKD", num_classes, self.class_prior,
+                      thresholds == "class_adaptive" or class_aware_mixing,
                       distribution_alignment, control_decay, prefix=f"{name}_")
                   for name in TEACHERS}
         self.class_confidence = {name: confidence for name, (confidence, _) in layers.items()
@@ -295,18 +309,59 @@ class MKD(SegmentationMethod):
         self.ema_1.update(step)
         self.ema_2.update(step)
 
-    def student_view(self, images, step) -> tuple:
+    def student_view(self, images, step, teacher_outputs=None) -> tuple:
         """(mixed images, box masks): the strong op per image, then CutMix pairing image i
-        (inside the boxes) with image i+1 of the global batch (outside)."""
+        (inside the boxes) with image i+1 of the global batch (outside). With
+        `class_aware_mixing`, the boxes are centred on a class of the teachers'
+        pseudo-labels, from `teacher_outputs` ({teacher name: its `teacher_pass` on the
+        weak images})."""
         if self.strong_augment is not None:
             images = self.strong_augment(images, seeds.step_seed(self.seed, step,
                                                                  _STRONG_STREAM))
         height, width = spatial_size(images)
-        boxes = mixing.box_masks(tf.shape(images)[0], height, width,
-                                 seeds.step_seed(self.seed, step, _MASK_STREAM),
-                                 num_boxes=self.num_boxes,
-                                 proportion_range=self.box_proportion)
+        mask_seed = seeds.step_seed(self.seed, step, _MASK_STREAM)
+        if self.class_aware_mixing:
+            if teacher_outputs is None:
+                raise ValueError("class-aware mixing centres the boxes on the teachers' "
+                                 "pseudo-labels; pass teacher_outputs")
+            labels, classes = self.box_classes(teacher_outputs, (height, width), step)
+            boxes = mixing.class_box_masks(labels, classes, mask_seed,
+                                           num_boxes=self.num_boxes,
+                                           proportion_range=self.box_proportion)
+        else:
+            boxes = mixing.box_masks(tf.shape(images)[0], height, width, mask_seed,
+                                     num_boxes=self.num_boxes,
+                                     proportion_range=self.box_proportion)
         return mixing.mix(boxes, images), boxes
+
+    def box_classes(self, teacher_outputs, size, step) -> tuple:
+        """(pseudo-labels int32 [B, H, W] at the input size `size`, the class int32 [B]
+        each image's boxes are centred on) for class-aware mixing: the argmax of the
+        teachers' mean probabilities (each aligned with its stored running distribution
+        under `distribution_alignment`), and a class drawn among each image's
+        pseudo-labels with the weights `mixing_weights` of the teachers' mean stored class
+        confidence."""
+        probs = []
+        for name, (_, logits) in teacher_outputs.items():
+            teacher_probs = tf.nn.softmax(tf.cast(logits, tf.float32))
+            if name in self.alignment:
+                teacher_probs = self.alignment[name].rescale(teacher_probs)
+            probs.append(teacher_probs)
+        probs = tf.add_n(probs) / len(probs)
+        labels = self.resize_labels(tf.argmax(probs, -1, output_type=tf.int32), size)
+        confidence = tf.add_n([tf.convert_to_tensor(self.class_confidence[name].confidence)
+                               for name in TEACHERS]) / len(TEACHERS)
+        uniform = seeds.per_example_uniform(seeds.step_seed(self.seed, step, _CLASS_STREAM),
+                                            tf.shape(labels)[0], (self.num_classes,))
+        classes = controls.draw_present_class(labels, self.num_classes, uniform,
+                                              controls.mixing_weights(confidence))
+        return labels, classes
+
+    def teacher_pass(self, name, images) -> tuple:
+        """(classifier features, logits) of teacher `name` on `images`, at its output size:
+        in training mode (batch statistics) with `teacher_bn='batch'`, as the code."""
+        return self.network(name).classifier_inputs_and_logits(
+            images, training=self.teacher_bn == "batch")
 
     def loss_size(self, images) -> tuple:
         """(height, width) of the consistency terms: ceil(input / loss_stride)."""
@@ -322,13 +377,18 @@ class MKD(SegmentationMethod):
         features, logits = network.classifier_inputs_and_logits(images, training=training)
         full = (resize_bilinear(logits, spatial_size(images), network.align_corners)
                 if full_size else None)
-        if boxes is not None:  # the teachers' outputs mixed like the students' inputs
+        return (full,) + self.at_loss_size(images, features, logits, boxes)
+
+    def at_loss_size(self, images, features, logits, boxes=None) -> tuple:
+        """(features, logits) of a network on `images` at the loss resolution, mixed with
+        `boxes` first when given (the teachers' outputs, like the students' inputs)."""
+        if boxes is not None:
             features, logits = mixing.mix(boxes, features), mixing.mix(boxes, logits)
         size = self.loss_size(images)
         # The code downsamples bilinearly (align_corners False) before every semi loss.
         features = resize_bilinear(tf.cast(features, tf.float32), size)
         logits = resize_bilinear(logits, size)
-        return full, features, logits
+        return features, logits
 
     def augmented(self, name, parts, strength) -> list:
         """Feature-augmented logits of network `name` for each (features, logits, labels)
@@ -358,17 +418,20 @@ class MKD(SegmentationMethod):
         resized = tf.image.resize(tf.cast(masks, tf.float32)[..., None], size, "nearest")
         return tf.cast(resized[..., 0], tf.int32)
 
-    def teacher_targets(self, name, images_l, labels_l, images_u, boxes,
-                        strength) -> TeacherTargets:
+    def teacher_targets(self, name, images_l, labels_l, images_u, boxes, strength,
+                        outputs_u=None) -> TeacherTargets:
         """The targets of teacher `name` at the loss resolution (see `TeacherTargets`): the
         argmax of its augmented logits on the [labelled and] weak unlabelled images, the
-        latter mixed with the students' boxes; no gradient."""
+        latter mixed with the students' boxes; no gradient. `outputs_u`: the teacher's
+        `teacher_pass` on `images_u` when it already ran (class-aware mixing)."""
         training = self.teacher_bn == "batch"
         parts = []
         if self.consistency_on_labelled:
             _, features, logits = self.forward(name, images_l, training)
             parts.append((features, logits, labels_l))
-        _, features, logits = self.forward(name, images_u, training, boxes)
+        if outputs_u is None:
+            outputs_u = self.teacher_pass(name, images_u)
+        features, logits = self.at_loss_size(images_u, *outputs_u, boxes)
         # The class statistics take the teacher's own argmax (the features' class for the
         # feature augmentation), not the controlled target.
         parts.append((features, logits, tf.argmax(logits, -1, output_type=tf.int32)))
@@ -428,7 +491,10 @@ class MKD(SegmentationMethod):
         """The confidence a target pixel of teacher `name` must reach: the fixed
         threshold, or its pseudo-label's class-adaptive one from `class_confidence`
         (default: the teacher's stored running class confidence)."""
-        if name in self.class_confidence and class_confidence is None:
+        if self.thresholds != "class_adaptive":
+            # Class-aware mixing alone keeps a class confidence too; the bar stays fixed.
+            class_confidence = None
+        elif class_confidence is None:
             class_confidence = self.class_confidence[name].confidence
         return controls.pixel_thresholds(pseudo_labels, class_confidence,
                                          self.confidence_threshold)
@@ -552,15 +618,19 @@ class MKD(SegmentationMethod):
         # Algorithm 1, line 6: update M_t1, M_t2 - each teacher follows its own student
         # (Eq. 1), before any forward pass.
         self.update_teachers(step)
+        # With class-aware mixing, the teachers see WDA(x^u) first: their pseudo-labels
+        # place the boxes of line 9.
+        outputs_u = ({name: self.teacher_pass(name, images_u) for name in TEACHERS}
+                     if self.class_aware_mixing else {})
         # Line 9: SDA(x^u) - a strong op per unlabelled image, then CutMix boxes.
-        mixed, boxes = self.student_view(images_u, step)
+        mixed, boxes = self.student_view(images_u, step, outputs_u or None)
         # Line 10: the teachers on WDA(x^u) (and x^l), their outputs mixed with the same
         # boxes; the targets max(p_t^u), no gradient (the teachers' logits feature-augmented
         # too, as the released code, unless augment_teachers=False).
         teacher_1 = self.teacher_targets("teacher_1", images_l, labels_l, images_u, boxes,
-                                         strength)
+                                         strength, outputs_u.get("teacher_1"))
         teacher_2 = self.teacher_targets("teacher_2", images_l, labels_l, images_u, boxes,
-                                         strength)
+                                         strength, outputs_u.get("teacher_2"))
         with tf.GradientTape() as tape:
             # Lines 11-12: the students' p_s^l (supervised CE, Eq. 5) and FD(p_s^u), the
             # feature-augmented logits (Eq. 3).
