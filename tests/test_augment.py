@@ -215,26 +215,30 @@ def test_class_cutmix_boxes_centre_the_drawn_box_on_the_class():
     assert not none.any()
 
 
-def test_class_box_masks_centre_each_of_several_boxes_on_the_class():
-    """Each of an image's three boxes has the `box_masks` size of the same seed and is
-    centred on some pixel of the image's class; the mask is their XOR. An image without
-    that class (or class -1) gets the `box_masks` mask itself."""
+def test_class_box_masks_centre_the_first_box_on_the_class():
+    """The first of an image's three boxes is the `box_masks` box of the same seed moved
+    onto a pixel of the image's class, the centre drawn as `class_centres` with the seed
+    folded with 1; the other two stay where `box_masks` put them; the mask is the XOR. An
+    image without that class (or class -1) gets the `box_masks` mask itself."""
     big = np.kron(class_map(), np.ones((3, 3), np.int32))  # 12x15, 3x3 blocks
     labels = np.stack([big] * 6 + [np.zeros_like(big)] * 2)
     classes = np.array([2, 1, 2, 1, 2, 1, 2, -1])
     seed = seeds.step_seed(4, 2, 1)
     got = mixing.class_box_masks(labels, classes, seed, num_boxes=3,
                                  proportion_range=(0.25, 0.5)).numpy()
-    _, _, box_h, box_w = (t.numpy().astype(int) for t in mixing.box_mask_draws(
+    top, left, box_h, box_w = (t.numpy().astype(int) for t in mixing.box_mask_draws(
         8, 12, 15, seed, 3, (0.25, 0.5)))
+    rows, cols, found = (t.numpy() for t in mixing.class_centres(
+        labels, classes, tf.random.experimental.stateless_fold_in(seed, 1)))
+    np.testing.assert_array_equal(found, [True] * 6 + [False] * 2)
     for i in range(6):
-        centres = list(zip(*np.nonzero(labels[i] == classes[i])))
-        # Every combination of one class pixel per box: 21 or 9 pixels, cubed.
-        candidates = [[numpy_centred_box(12, 15, box_h[i, j], box_w[i, j], r, c)
-                       for r, c in centres] for j in range(3)]
-        found = any(np.array_equal(got[i], (a + b + c) % 2)
-                    for a in candidates[0] for b in candidates[1] for c in candidates[2])
-        assert found, i
+        assert labels[i, rows[i], cols[i]] == classes[i]
+        want = numpy_centred_box(12, 15, box_h[i, 0], box_w[i, 0], rows[i], cols[i])
+        for j in (1, 2):
+            box = np.zeros((12, 15), np.float32)
+            box[top[i, j]:top[i, j] + box_h[i, j], left[i, j]:left[i, j] + box_w[i, j]] = 1
+            want = (want + box) % 2
+        np.testing.assert_array_equal(got[i], want, err_msg=str(i))
     uniform = mixing.box_masks(8, 12, 15, seed, num_boxes=3,
                                proportion_range=(0.25, 0.5)).numpy()
     np.testing.assert_array_equal(got[6:], uniform[6:])

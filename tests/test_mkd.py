@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from kssl import config, models, training
-from kssl.augment import randaugment, strong
+from kssl.augment import mixing, randaugment, seeds, strong
 from kssl.data.examples import IGNORE_LABEL
 from kssl.methods import MKD, mkd
 from kssl.methods.feature_augmentation import (ClassStatistics, augment_logits,
@@ -549,15 +549,47 @@ def test_class_aware_boxes_follow_the_teachers_mean_labels_and_least_confident_c
     assert set(np.unique(classes)) == {0, 1, 2}
 
 
+def test_class_aware_student_view_same_on_one_and_two_replicas(two_replicas):
+    """The class-aware boxes and mixed images of a step, from the same teacher outputs,
+    whole on one device or split over two replicas (the class draw, the centres and the
+    boxes keyed by global example index; the mixing partner taken across replicas)."""
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    logits = [rng.normal(size=(4, 4, 4, NUM_CLASSES)).astype(np.float32) * 3
+              for _ in mkd.TEACHERS]
+
+    def make():
+        model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, seed=0,
+                    class_aware_mixing=True, strong_augment=False)
+        for name in mkd.TEACHERS:
+            model.class_confidence[name].confidence.assign([1.0, 0.3, 0.6])
+        return model
+
+    def view(model, x, z1, z2):
+        outputs = {"teacher_1": (None, z1), "teacher_2": (None, z2)}
+        return model.student_view(x, tf.constant(3, tf.int64), outputs)
+
+    single = make()
+    want = [t.numpy() for t in view(single, images, *logits)]
+    uniform = mixing.box_masks(4, 16, 16, seeds.step_seed(0, 3, mkd._MASK_STREAM),
+                               num_boxes=3, proportion_range=(0.25, 0.5)).numpy()
+    assert not np.array_equal(want[1], uniform)  # the boxes moved onto classes
+    with two_replicas.scope():
+        double = make()
+    shards = next(iter(two_replicas.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((images, *logits)).batch(4))))
+    out = two_replicas.run(lambda x, z1, z2: view(double, x, z1, z2), args=shards)
+    for got, expected in zip(out, want):
+        halves = [h.numpy() for h in two_replicas.experimental_local_results(got)]
+        np.testing.assert_array_equal(np.concatenate(halves), expected)
+
+
 # -- distribution and the teachers ---------------------------------------------------------
 STEPS = 3
 
 
 def make_mkd():
-    # Class-aware boxes: the teachers then run before the boxes are drawn, and the boxes
-    # follow their pseudo-labels and the replicated class confidence.
-    return MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0,
-               class_aware_mixing=True)
+    return MKD(small_segmenter(norm="sync_batch"), NUM_CLASSES, lambda_steps=1, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -321,19 +321,21 @@ def class_cutmix_boxes(labels, classes, seed, probability: float = 0.5,
 
 def class_box_masks(labels, classes, seed, num_boxes: int = 1,
                     proportion_range=(0.5, 0.5)) -> tf.Tensor:
-    """`box_masks` with every box of image i centred on a pixel of class `classes[i]`
+    """`box_masks` with the first box of image i centred on a pixel of class `classes[i]`
     (AEL's adaptive CutMix, Hu et al. 2021, for MKD's several XOR-combined boxes).
 
-    The boxes' sizes are those `box_masks` draws with the same seed; box j is then
-    centred (its row floor(box_h / 2) and column floor(box_w / 2) on the pixel, cut off at
-    the borders) on a pixel drawn uniformly, for each box on its own, among those of
-    `labels[i]` equal to `classes[i]`. An image with no such pixel keeps `box_masks`'
-    uniform placement, so its mask is the same.
+    Every box keeps the size `box_masks` draws with the same seed, and boxes 2..k keep
+    its uniform placement; the first box is centred (its row floor(box_h / 2) and column
+    floor(box_w / 2) on the pixel, cut off at the borders) on a pixel drawn uniformly
+    among those of `labels[i]` equal to `classes[i]`. Only one box moves: boxes all
+    centred on one compact class would nearly coincide and cancel under the XOR, halving
+    the mixed area. An image with no such pixel keeps `box_masks`' mask.
 
     Args:
       labels: int [B, H, W] (e.g. the pseudo-labels of the image shown inside the boxes);
         the mask has this size.
-      classes: int [B], the class the boxes of each image are centred on (negative: none).
+      classes: int [B], the class the first box of each image is centred on (negative:
+        none).
       seed: a stateless seed pair; draws are keyed by global example index.
     Returns:
       float32 [B, H, W]: 1 where an odd number of the image's boxes cover the pixel.
@@ -342,15 +344,13 @@ def class_box_masks(labels, classes, seed, num_boxes: int = 1,
     size = tf.shape(labels)
     top, left, box_h, box_w = box_mask_draws(size[0], size[1], size[2], seed, num_boxes,
                                              proportion_range)
-    centre_seed = tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM)
-    tops, lefts = [], []
-    for j in range(num_boxes):
-        rows, cols, found = class_centres(
-            labels, classes, tf.random.experimental.stateless_fold_in(centre_seed, j))
-        tops.append(tf.where(found, _centred_corner(box_h[:, j], rows), top[:, j]))
-        lefts.append(tf.where(found, _centred_corner(box_w[:, j], cols), left[:, j]))
-    return xor_rectangles(tf.stack(tops, axis=1), tf.stack(lefts, axis=1), box_h, box_w,
-                          size[1], size[2])
+    rows, cols, found = class_centres(
+        labels, classes, tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM))
+    first_top = tf.where(found, _centred_corner(box_h[:, 0], rows), top[:, 0])
+    first_left = tf.where(found, _centred_corner(box_w[:, 0], cols), left[:, 0])
+    top = tf.concat([first_top[:, None], top[:, 1:]], axis=1)
+    left = tf.concat([first_left[:, None], left[:, 1:]], axis=1)
+    return xor_rectangles(top, left, box_h, box_w, size[1], size[2])
 
 
 def interpolation_lambdas(seed, batch_size=None, alpha: float = 1.0, cap: float = 0.5,

@@ -11,7 +11,8 @@ silent or differs, the paper's choice then being an option):
 2. The students' view of the unlabelled batch: one photometric op per image (colour
    jitter, blur, equalize, solarize or greyscale: `kssl.augment.strong.OneOfPhotometric`),
    then CutMix: image i inside three random boxes (XOR-combined), image i+1 of the global
-   batch outside.
+   batch outside (with `class_aware_mixing`, the first box centred on a class of the
+   teachers' pseudo-labels of image i, the teachers' pass of step 3 then running first).
 3. The teachers run on the weak (unaugmented) unlabelled images and, while the
    consistency terms cover the labelled images (the code's default), on the labelled
    images; their unlabelled logits and classifier features are mixed with the same boxes.
@@ -107,14 +108,16 @@ class MKD(SegmentationMethod):
         unlabelled batch; its targets on the labelled images are thresholded and aligned
         with that state but not counted in it (predictions fitted to their masks would
         hide the teacher's bias on the unlabelled images).
-      class_aware_mixing: centre every CutMix box of image i on a pixel of one class of
-        its weak view, so that the classes the teachers are least sure of are pasted most
-        (AEL's adaptive CutMix; Hu et al., NeurIPS 2021). Per image, a class is drawn
-        among those of the teachers' pseudo-labels (the argmax of the two teachers' mean
-        probabilities, before the feature augmentation), weighted by
-        `pseudo_label_controls.mixing_weights` of the two teachers' mean running class
-        confidence as the step starts; each box keeps its drawn size and is centred on a
-        uniform pixel of that class (`mixing.class_box_masks`). The teachers then run on
+      class_aware_mixing: centre the first CutMix box of image i on a pixel of one class
+        of its weak view, so that the classes the teachers are least sure of are pasted
+        most (AEL's adaptive CutMix; Hu et al., NeurIPS 2021). Per image, a class is
+        drawn among those of the teachers' pseudo-labels (the argmax of the two teachers'
+        mean probabilities, aligned under `distribution_alignment`, before the feature
+        augmentation), weighted by `pseudo_label_controls.mixing_weights` of the two
+        teachers' mean running class confidence as the step starts; the box keeps its
+        drawn size and is centred on a uniform pixel of that class, the other boxes stay
+        where they were drawn (`mixing.class_box_masks`: boxes all centred on one class
+        would cancel under the XOR). The teachers then run on
         the unlabelled images before the boxes are drawn (the same outputs are mixed),
         and each keeps its running class confidence as for class-adaptive thresholds
         (the thresholds stay fixed unless `thresholds='class_adaptive'`). Off: the
