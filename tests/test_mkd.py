@@ -201,7 +201,7 @@ def test_class_weighted_consistency_terms_are_weighted_means_over_all_parts():
     logits = [rng.normal(size=(n, 3, 3, NUM_CLASSES)).astype(np.float32) for n in (1, 2)]
     labels = [rng.integers(0, NUM_CLASSES, (n, 3, 3)).astype(np.int32) for n in (1, 2)]
     labels[1][0, 0, 0] = IGNORE_LABEL
-    got = model.cross_entropy(logits, labels).numpy()
+    got = model.cross_entropy(logits, labels, model.unsup_class_weights).numpy()
     flat_logits = np.concatenate([p.reshape(-1, NUM_CLASSES) for p in logits])
     flat_labels = np.concatenate([p.reshape(-1) for p in labels])
     valid = flat_labels != IGNORE_LABEL
@@ -209,6 +209,39 @@ def test_class_weighted_consistency_terms_are_weighted_means_over_all_parts():
     ce = -log_p[np.arange(valid.sum()), flat_labels[valid]]
     w = weights[flat_labels[valid]]
     np.testing.assert_allclose(got, (w * ce).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(model.cross_entropy(logits, labels).numpy(), ce.mean(),
+                               rtol=1e-5)  # no weights given: the plain mean
+
+
+@pytest.mark.parametrize("setting", [True, "teacher_terms"])
+def test_class_weights_reach_the_student_terms_only_when_asked(setting):
+    """unsup_class_weights=True weighs all four consistency terms; 'teacher_terms' the
+    two teacher terms, the students' mutual argmax terms staying plain means (numpy)."""
+    weights = np.array([1.0, 4.0, 0.25], np.float32)
+    model = MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, class_weights=weights,
+                unsup_class_weights=setting)
+    rng = np.random.default_rng(8)
+    logits = [[rng.normal(size=(2, 3, 3, NUM_CLASSES)).astype(np.float32)] for _ in range(2)]
+    targets = [[rng.integers(0, NUM_CLASSES, (2, 3, 3)).astype(np.int32)] for _ in range(2)]
+    terms = model.mutual_losses((tf.constant(0.0), tf.constant(0.0)), logits, targets)
+
+    def ce(student, labels, weighted):
+        z = logits[student][0].reshape(-1, NUM_CLASSES).astype(np.float64)
+        y = labels.reshape(-1)
+        per_pixel = np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y]
+        w = weights[y] if weighted else np.ones(len(y))
+        return (w * per_pixel).sum() / w.sum()
+
+    students_weighted = setting is True
+    want = {"teacher_2_to_student_1": ce(0, targets[1][0], True),
+            "teacher_1_to_student_2": ce(1, targets[0][0], True),
+            "student_2_to_student_1": ce(0, logits[1][0].argmax(-1), students_weighted),
+            "student_1_to_student_2": ce(1, logits[0][0].argmax(-1), students_weighted)}
+    for name, value in want.items():
+        np.testing.assert_allclose(terms[name].numpy(), value, rtol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="teacher_terms"):
+        MKD(small_segmenter(), NUM_CLASSES, lambda_steps=1, class_weights=weights,
+            unsup_class_weights="teachers")
 
 
 def step_logs(model, data):

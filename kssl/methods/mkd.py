@@ -122,10 +122,12 @@ class MKD(SegmentationMethod):
         and each keeps its running class confidence as for class-adaptive thresholds
         (the thresholds stay fixed unless `thresholds='class_adaptive'`). Off: the
         paper's uniform boxes.
-      unsup_class_weights: weight each pixel of the four consistency terms by the
+      unsup_class_weights: True weighs each pixel of the four consistency terms by the
         supervised loss's class weight of its target (teacher's or other student's
         argmax), normalised by the sum of those weights (see `losses.masked_cross_entropy`;
-        needs `class_weights`). Off: the paper, whose consistency terms are unweighted.
+        needs `class_weights`); 'teacher_terms' weighs the two teacher-to-student terms
+        only, leaving the students' mutual argmax terms (never thresholded) unweighted.
+        False: the paper, whose consistency terms are unweighted.
       ema_decay, ema_warmup: the teachers' decay min(1 - 1/t, ema_decay) at the t-th step
         (t from 1; the code's 0.6 by default; 0.99 the usual mean teacher); without
         warm-up, ema_decay throughout (the paper's gamma = 0.4: `ema_decay=0.4,
@@ -190,7 +192,7 @@ class MKD(SegmentationMethod):
                  strong_op_weights: Sequence[float] = MKD_CODE_OP_WEIGHTS,
                  share_backbone_init: bool = True, inference: str = "student_1",
                  thresholds: str = "fixed", distribution_alignment: bool = False,
-                 control_decay: float = 0.99, unsup_class_weights: bool = False,
+                 control_decay: float = 0.99, unsup_class_weights=False,
                  class_aware_mixing: bool = False, seed: Optional[int] = None, **kwargs):
         for name, value, allowed in [("teacher_bn", teacher_bn, ("batch", "ema")),
                                      ("lambda_schedule", lambda_schedule,
@@ -217,8 +219,15 @@ class MKD(SegmentationMethod):
                    + (augmentation_logs if feature_augment else ())
                    + (("confident_share",) if confidence_threshold is not None else ()))
         super().__init__(segmenter, num_classes, tracked_losses=tracked, **kwargs)
+        if unsup_class_weights not in (False, True, "teacher_terms"):
+            raise ValueError("MKD unsup_class_weights must be False, True or "
+                             f"'teacher_terms', got {unsup_class_weights!r}")
         self.unsup_class_weights = controls.unlabelled_class_weights(
-            "MKD", unsup_class_weights, self.class_weights)
+            "MKD", bool(unsup_class_weights), self.class_weights)
+        # The students' mutual argmax has no threshold: weights there multiply unfiltered
+        # rare-class guesses, so 'teacher_terms' leaves those two terms unweighted.
+        self.student_term_weights = (self.unsup_class_weights
+                                     if unsup_class_weights is True else None)
         self.alpha = alpha
         self.beta = beta
         self.confidence_threshold = confidence_threshold
@@ -534,13 +543,13 @@ class MKD(SegmentationMethod):
             unlabelled_aug]
         return supervised, parts
 
-    def cross_entropy(self, logits_parts, label_parts) -> tf.Tensor:
+    def cross_entropy(self, logits_parts, label_parts, class_weights=None) -> tf.Tensor:
         """Mean CE over the non-ignored pixels of all parts of the global batch (a mean
-        weighted by the targets' class weights with `unsup_class_weights`)."""
+        weighted by the targets' `class_weights` [C] when given)."""
         total, count = 0.0, 0.0
         for logits, labels in zip(logits_parts, label_parts):
             part_total, part_count = losses.weighted_cross_entropy_sums(
-                logits, labels, self.ignore_label, class_weights=self.unsup_class_weights)
+                logits, labels, self.ignore_label, class_weights=class_weights)
             total += part_total
             count += part_count
         return losses.global_mean(total, count)
@@ -565,10 +574,15 @@ class MKD(SegmentationMethod):
         def argmax(parts):  # a student's hard labels for the other, no gradient
             return [tf.stop_gradient(tf.argmax(z, -1, output_type=tf.int32)) for z in parts]
 
-        terms = {"teacher_2_to_student_1": self.cross_entropy(logits_1, targets_2),
-                 "teacher_1_to_student_2": self.cross_entropy(logits_2, targets_1),
-                 "student_2_to_student_1": self.cross_entropy(logits_1, argmax(logits_2)),
-                 "student_1_to_student_2": self.cross_entropy(logits_2, argmax(logits_1))}
+        teacher_weights, student_weights = self.unsup_class_weights, self.student_term_weights
+        terms = {"teacher_2_to_student_1": self.cross_entropy(logits_1, targets_2,
+                                                              teacher_weights),
+                 "teacher_1_to_student_2": self.cross_entropy(logits_2, targets_1,
+                                                              teacher_weights),
+                 "student_2_to_student_1": self.cross_entropy(logits_1, argmax(logits_2),
+                                                              student_weights),
+                 "student_1_to_student_2": self.cross_entropy(logits_2, argmax(logits_1),
+                                                              student_weights)}
         terms["student_1_loss"] = (supervised_1
                                    + self.alpha * terms["teacher_2_to_student_1"]
                                    + self.beta * terms["student_2_to_student_1"])
