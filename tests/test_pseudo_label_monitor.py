@@ -133,7 +133,7 @@ def test_guidedmix_paper_target_is_the_argmax_of_the_decoupled_mask():
 
 
 @pytest.mark.parametrize("threshold", [None, 0.4])
-def test_mkd_hands_over_each_teachers_argmax_and_its_threshold(threshold):
+def test_mkd_hands_over_each_teachers_target_and_each_students_argmax(threshold):
     from kssl import models
 
     segmenter = models.build_segmenter(arch="deeplabv3plus", backbone="small", num_classes=3,
@@ -141,7 +141,12 @@ def test_mkd_hands_over_each_teachers_argmax_and_its_threshold(threshold):
     model = MKD(segmenter, 3, lambda_steps=1, seed=0, confidence_threshold=threshold)
     images = tf.random.stateless_uniform((2, 32, 32, 3), (8, 9), 0, 255)
     targets = model.pseudo_label_targets(images)
-    assert sorted(targets) == ["teacher_1", "teacher_2"]
+    assert sorted(targets) == ["student_1", "student_2", "teacher_1", "teacher_2"]
+    for name in ("student_1", "student_2"):  # the mutual terms' targets: plain argmax
+        labels, admitted = targets.pop(name)
+        logits = model.network(name)(images, training=False).numpy()
+        np.testing.assert_array_equal(labels.numpy(), logits.argmax(-1))
+        assert admitted is None
     for name, (labels, admitted) in targets.items():
         probs = softmax(model.network(name)(images, training=False).numpy().astype(np.float64))
         np.testing.assert_array_equal(labels.numpy(), probs.argmax(-1))

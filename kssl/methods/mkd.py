@@ -515,9 +515,15 @@ class MKD(SegmentationMethod):
         """Each teacher's targets on the weak unlabelled view at the input size: the
         argmax of its [aligned] probabilities, admitted where its confidence reaches the
         [class-adaptive] threshold (all pixels without one), with the controls' stored
-        running state (nothing is updated). The feature augmentation of the teachers'
-        logits is left out: it would update the class statistics."""
+        running state (nothing is updated); and each student's argmax ("student_1",
+        "student_2", every pixel admitted), the target the other student learns in the
+        mutual terms, with no threshold or alignment: a drift there does not show in the
+        teachers' controlled targets. The feature augmentation of the logits is left out:
+        it would update the class statistics."""
         targets = {}
+        for name in NETWORKS[:2]:
+            logits = self.network(name)(images, training=False)
+            targets[name] = (tf.argmax(logits, -1, output_type=tf.int32), None)
         for name in TEACHERS:
             logits = tf.cast(self.network(name)(images, training=False), tf.float32)
             probs = tf.nn.softmax(logits)
