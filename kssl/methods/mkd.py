@@ -117,11 +117,10 @@ class MKD(SegmentationMethod):
         teachers' mean running class confidence as the step starts; the box keeps its
         drawn size and is centred on a uniform pixel of that class, the other boxes stay
         where they were drawn (`mixing.class_box_masks`: boxes all centred on one class
-        would cancel under the XOR). The teachers then run on
-        the unlabelled images before the boxes are drawn (the same outputs are mixed),
-        and each keeps its running class confidence as for class-adaptive thresholds
-        (the thresholds stay fixed unless `thresholds='class_adaptive'`). Off: the
-        paper's uniform boxes.
+        would cancel under the XOR). The teachers then run on the unlabelled images
+        before the boxes are drawn (the same outputs are mixed), and each keeps its
+        running class confidence as for class-adaptive thresholds (the thresholds stay
+        fixed unless `thresholds='class_adaptive'`). Off: the paper's uniform boxes.
       unsup_class_weights: True weighs each pixel of the four consistency terms by the
         supervised loss's class weight of its target (teacher's or other student's
         argmax), normalised by the sum of those weights (see `losses.masked_cross_entropy`;
@@ -324,7 +323,7 @@ class MKD(SegmentationMethod):
     def student_view(self, images, step, teacher_outputs=None) -> tuple:
         """(mixed images, box masks): the strong op per image, then CutMix pairing image i
         (inside the boxes) with image i+1 of the global batch (outside). With
-        `class_aware_mixing`, the boxes are centred on a class of the teachers'
+        `class_aware_mixing`, the first box is centred on a class of the teachers'
         pseudo-labels, from `teacher_outputs` ({teacher name: its `teacher_pass` on the
         weak images})."""
         if self.strong_augment is not None:
@@ -348,7 +347,7 @@ class MKD(SegmentationMethod):
 
     def box_classes(self, teacher_outputs, size, step) -> tuple:
         """(pseudo-labels int32 [B, H, W] at the input size `size`, the class int32 [B]
-        each image's boxes are centred on) for class-aware mixing: the argmax of the
+        each image's first box is centred on) for class-aware mixing: the argmax of the
         teachers' mean probabilities (each aligned with its stored running distribution
         under `distribution_alignment`), and a class drawn among each image's
         pseudo-labels with the weights `mixing_weights` of the teachers' mean stored class
