@@ -210,17 +210,11 @@ def rectangle_masks(top, left, box_h, box_w, height, width, drawn=None) -> tf.Te
     """float32 [B, height, width]: 1 on rows top..top+box_h-1 and columns
     left..left+box_w-1 of image i (float [B] whole numbers; a box reaching past a border is
     cut off there), 0 elsewhere and on every image where `drawn` (bool [B]) is False."""
-    rows = tf.range(tf.cast(height, tf.float32))[None, :, None]
-    cols = tf.range(tf.cast(width, tf.float32))[None, None, :]
-
-    def per_image(x):
-        return tf.cast(x, tf.float32)[:, None, None]
-
-    top, left, box_h, box_w = (per_image(x) for x in (top, left, box_h, box_w))
-    inside = ((rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w))
+    one_box = (tf.cast(x, tf.float32)[:, None] for x in (top, left, box_h, box_w))
+    inside = xor_rectangles(*one_box, height, width)  # one rectangle: XOR is the box
     if drawn is not None:
-        inside &= tf.cast(drawn, tf.bool)[:, None, None]
-    return tf.cast(inside, tf.float32)
+        inside *= tf.cast(tf.cast(drawn, tf.bool), tf.float32)[:, None, None]
+    return inside
 
 
 def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
@@ -243,6 +237,13 @@ def cutmix_boxes(batch_size, height, width, seed, probability: float = 0.5,
 def _centred_corner(size, centre):
     """The first row (column) of a box of `size` rows (columns) centred on `centre`."""
     return tf.cast(centre, tf.float32) - tf.floor(tf.cast(size, tf.float32) / 2.0)
+
+
+def _centred_where_found(found, rows, cols, top, left, box_h, box_w) -> tuple:
+    """(top, left) [B]: each box moved to be centred on (rows, cols) where `found`, kept
+    where it was elsewhere."""
+    return (tf.where(found, _centred_corner(box_h, rows), top),
+            tf.where(found, _centred_corner(box_w, cols), left))
 
 
 def centred_boxes(box_h, box_w, centre_row, centre_col, height, width) -> tf.Tensor:
@@ -314,8 +315,7 @@ def class_cutmix_boxes(labels, classes, seed, probability: float = 0.5,
         size[0], size[1], size[2], seed, probability, area_range, ratio_range, candidates)
     rows, cols, found = class_centres(
         labels, classes, tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM))
-    top = tf.where(found, _centred_corner(box_h, rows), top)
-    left = tf.where(found, _centred_corner(box_w, cols), left)
+    top, left = _centred_where_found(found, rows, cols, top, left, box_h, box_w)
     return rectangle_masks(top, left, box_h, box_w, size[1], size[2], drawn)
 
 
@@ -346,8 +346,8 @@ def class_box_masks(labels, classes, seed, num_boxes: int = 1,
                                              proportion_range)
     rows, cols, found = class_centres(
         labels, classes, tf.random.experimental.stateless_fold_in(seed, _CENTRE_STREAM))
-    first_top = tf.where(found, _centred_corner(box_h[:, 0], rows), top[:, 0])
-    first_left = tf.where(found, _centred_corner(box_w[:, 0], cols), left[:, 0])
+    first_top, first_left = _centred_where_found(found, rows, cols, top[:, 0], left[:, 0],
+                                                 box_h[:, 0], box_w[:, 0])
     top = tf.concat([first_top[:, None], top[:, 1:]], axis=1)
     left = tf.concat([first_left[:, None], left[:, 1:]], axis=1)
     return xor_rectangles(top, left, box_h, box_w, size[1], size[2])
