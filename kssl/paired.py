@@ -141,6 +141,16 @@ def run_seed(config_files, bindings, workdir: str, seed: int) -> SeedRun:
                                f"above, and the same command resumes it: {quote(command)}")
     else:
         print(f"kssl: seed {seed}: reusing the finished run in {workdir}", flush=True)
+    return finished_seed(workdir, seed)
+
+
+def finished_seed(workdir: str, seed: int) -> SeedRun:
+    """The finished run of one seed in `workdir`; ValueError naming the folder when it has
+    no metrics.json (the run never finished)."""
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(metrics_path):
+        raise ValueError(f"{metrics_path}: not found; seed {seed} has not finished (run "
+                         "the same command without --curves_only to train it)")
     with open(metrics_path) as f:
         return SeedRun(seed, workdir, json.load(f))
 
@@ -249,3 +259,69 @@ def format_comparison(result: PairedResult) -> str:
                  f"{100 * diff_mean:+10.1f}" + ("" if math.isnan(diff_sd)
                                                 else f"  (sd {100 * diff_sd:.1f})"))
     return "\n".join(lines)
+
+
+# -- the pseudo-label monitor's curves over seeds ------------------------------------------
+CURVE_POINTS = 5  # monitored steps per target in a recorded curve: first, ..., last
+
+
+def curve_table_header() -> str:
+    """The header of a pseudo-label curve table (see `curve_rows`)."""
+    return ("| method | target | step | pseudo-label mIoU (%) | accuracy (%) | admitted (%) "
+            "| admitted accuracy (%) | KL to the prior, admitted | KL to the prior, all pixels "
+            "| share gained most, lost most (points, by seed) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _mean_sd_text(values, scale: float, digits: int) -> str:
+    """'m ± sd' of the values that are not None ('-' when a seed has none)."""
+    if any(v is None for v in values):
+        return "-"
+    mean, sd = mean_and_sd(values)
+    text = f"{scale * mean:.{digits}f}"
+    return text if math.isnan(sd) else f"{text} ± {scale * sd:.{digits}f}"
+
+
+def curve_steps(steps: Sequence[int], points: int = CURVE_POINTS) -> List[int]:
+    """At most `points` of the sorted `steps`, evenly spread, always the first and last."""
+    steps = sorted(steps)
+    if len(steps) <= points:
+        return steps
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, points)).astype(int))
+    return [steps[i] for i in picks]
+
+
+def curve_rows(label: str, result: PairedResult, points: int = CURVE_POINTS) -> List[str]:
+    """Markdown rows of the pseudo-label monitor's history (`kssl.pseudo_label_monitor`)
+    of every seed of `result`: per target and monitored step (steps every seed has, at
+    most `points` of them), the mean ± sample sd over seeds of each score, and each
+    seed's most gained and most lost share of the admitted pseudo-labels against the
+    labelled prior ('-' and 'none admitted' where a seed admits nothing). [] when no
+    seed has a history."""
+    histories = [run.metrics.get("pseudo_label_monitor") or {} for run in result.runs]
+    targets = [name for name in histories[0] if all(name in h for h in histories)]
+    rows = []
+    for target in targets:
+        by_step = [{entry["step"]: entry for entry in h[target]} for h in histories]
+        common = set(by_step[0]).intersection(*by_step[1:])
+        for step in curve_steps(common, points):
+            entries = [steps[step] for steps in by_step]
+
+            def column(key, scale=100.0, digits=1):
+                return _mean_sd_text([e.get(key) for e in entries], scale, digits)
+
+            # Where a seed admits nothing, its admitted class shares are not defined.
+            none_admitted = [not e.get("admitted_share") for e in entries]
+            kl_admitted = _mean_sd_text([None if empty else e["kl_to_prior"]
+                                         for e, empty in zip(entries, none_admitted)], 1.0, 3)
+            moves = " / ".join(
+                "none admitted" if empty else
+                f"{e['most_gained'][0]} {e['most_gained'][1]:+.1f}, "
+                f"{e['most_lost'][0]} {e['most_lost'][1]:+.1f}"
+                for e, empty in zip(entries, none_admitted))
+            rows.append(
+                f"| {label} | {target} | {step} | {column('mean_iou')} | {column('accuracy')} "
+                f"| {column('admitted_share')} | {column('admitted_accuracy')} "
+                f"| {kl_admitted} | {column('prediction_kl_to_prior', 1.0, 3)} "
+                f"| {moves} |")
+    return rows

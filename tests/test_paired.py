@@ -82,10 +82,11 @@ def test_methods_on_the_same_data_share_one_twin():
                   ["labels.split_file = None"]) != supervised
 
 
-def write_finished(workdir, seed, miou):
+def write_finished(workdir, seed, miou, monitor=None):
     os.makedirs(workdir, exist_ok=True)
+    extra = {} if monitor is None else {"pseudo_label_monitor": monitor}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump({"mean_iou": miou, "labelled_images": 8, "unlabelled_images": 16,
+        json.dump({**extra, "mean_iou": miou, "labelled_images": 8, "unlabelled_images": 16,
                    "steps": 6, "per_class_iou": {"background": miou, "square": miou,
                                                  "circle": miou},
                    "train_images_per_second": 10.0, "train_seconds": 1.0,
@@ -130,3 +131,69 @@ def test_benchmark_seeds_rejects_a_bad_list(tmp_path):
                       "--seeds", "0,x", cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --seeds")
+
+
+def monitor_entry(step, miou, admitted, kl, gained=("Road", 5.0), lost=("Sky", -5.0)):
+    return {"step": step, "mean_iou": miou, "accuracy": 0.8, "admitted_share": admitted,
+            "admitted_accuracy": None if admitted == 0 else 0.9, "kl_to_prior": kl,
+            "prediction_kl_to_prior": 0.1, "most_gained": list(gained),
+            "most_lost": list(lost)}
+
+
+def test_curve_steps_spread_evenly_with_the_first_and_last():
+    steps = [250 * k for k in range(1, 9)]
+    # Indices round(linspace(0, 7, 5)) = 0, 1.75, 3.5, 5.25, 7 -> 0, 2, 4, 5, 7.
+    assert paired.curve_steps(steps) == [250, 750, 1250, 1500, 2000]
+    assert paired.curve_steps([500, 250]) == [250, 500]
+
+
+def test_curve_rows_average_the_seeds_step_by_step():
+    histories = [
+        {"teacher": [monitor_entry(250, 0.30, 0.0, 1.2),
+                     monitor_entry(500, 0.40, 0.5, 0.05, ("Car", 2.0))]},
+        {"teacher": [monitor_entry(250, 0.34, 0.0, 1.0),
+                     monitor_entry(500, 0.44, 0.7, 0.15),
+                     monitor_entry(750, 0.5, 0.7, 0.1)]},  # a step only one seed has
+    ]
+    runs = [paired.SeedRun(k, f"w/seed_{k}", {"pseudo_label_monitor": h})
+            for k, h in enumerate(histories)]
+    rows = paired.curve_rows("ClassMix", paired.PairedResult("ClassMix", runs))
+    assert len(rows) == 2
+    header = table_cells(paired.curve_table_header().splitlines()[0])
+    first, second = table_cells(rows[0]), table_cells(rows[1])
+    assert len(first) == len(header)
+    sd = np.std([30.0, 34.0], ddof=1)
+    assert first[:5] == ["ClassMix", "teacher", "250", f"32.0 ± {sd:.1f}", "80.0 ± 0.0"]
+    assert first[5] == "0.0 ± 0.0" and first[6] == "-"  # nothing admitted: no accuracy
+    assert first[7] == "-" and first[9] == "none admitted / none admitted"
+    assert second[7] == f"0.100 ± {np.std([0.05, 0.15], ddof=1):.3f}"
+    assert second[2] == "500" and second[5] == f"60.0 ± {np.std([50., 70.], ddof=1):.1f}"
+    assert second[9] == "Car +2.0, Sky -5.0 / Road +5.0, Sky -5.0"
+    # Runs without a monitor (supervised twins) give no rows.
+    assert paired.curve_rows("x", paired.PairedResult("x", [seed_run(0, 0.4, 0.9)])) == []
+
+
+def test_benchmark_curves_only_records_the_finished_seeds_curves(tmp_path):
+    from tiny import TINY_SHAPES_CONFIG
+
+    cfg = tmp_path / "tiny_classmix.gin"
+    cfg.write_text(TINY_SHAPES_CONFIG + "train.method = @ClassMix\n")
+    workdir, twins, record = tmp_path / "run", tmp_path / "twins", tmp_path / "B.md"
+    for seed, miou in enumerate([0.20, 0.30]):
+        write_finished(str(workdir / f"seed_{seed}"), seed, 0.5,
+                       {"teacher": [monitor_entry(3, miou, 0.25, 0.5)]})
+    args = ["--config", str(cfg), "--workdir", str(workdir), "--twins_dir", str(twins),
+            "--record", str(record), "--table", "t", "--curves_only"]
+    result = run_tool("benchmark", *args, "--seeds", "0,1", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reusing" not in result.stdout  # no twin is looked for, nothing trained
+    text = record.read_text()
+    assert "<!-- table: t-curves -->" in text and "<!-- table: t -->" not in text
+    row = [line for line in text.splitlines() if line.startswith("| ClassMix")]
+    assert len(row) == 1
+    assert table_cells(row[0])[1:4] == ["teacher", "3", f"25.0 ± {np.std([20., 30.], ddof=1):.1f}"]
+    # A seed that never finished is named, and nothing is recorded.
+    result = run_tool("benchmark", *args, "--seeds", "0,2", cwd=REPO)
+    assert result.returncode == 2
+    assert "seed_2/metrics.json: not found" in result.stderr.strip().splitlines()[-1]
+    assert record.read_text() == text

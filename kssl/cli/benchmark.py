@@ -46,6 +46,10 @@ flags.DEFINE_string("seeds", None,
                     "(the same config with train.method = @Supervised), and record one row "
                     "with the mean and spread of the paired difference. Seed k runs in "
                     "<workdir>/seed_k; a finished seed is reused, an interrupted one resumed.")
+flags.DEFINE_bool("curves_only", False,
+                  "--seeds: train nothing; print (and with --record, append to the table "
+                  "'<table>-curves') the pseudo-label monitor's curves of the seeds already "
+                  "finished in --workdir, e.g. for a row recorded before its curves were.")
 flags.DEFINE_string("twins_dir", os.path.join("runs", "twins"),
                     "--seeds: where supervised twins are kept, one folder per setting, "
                     "shared by every config with the same supervised bindings.")
@@ -239,6 +243,11 @@ def paired_main(command: str) -> None:
     root = twin_root if is_twin else workdir
     print(f"kssl: {method} with seeds {seeds} in {root}"
           + ("" if is_twin else f"; supervised twins in {twin_root}"), flush=True)
+    if FLAGS.curves_only:
+        record_curves(FLAGS.label or method, paired.PairedResult(
+            method, [paired.finished_seed(os.path.join(root, f"seed_{seed}"), seed)
+                     for seed in seeds]))
+        return
     runs, twins = [], []
     for seed in seeds:
         runs.append(paired.run_seed(FLAGS.config, FLAGS.gin_param,
@@ -265,6 +274,25 @@ def paired_main(command: str) -> None:
                                      "than a --seeds row; choose another --table")
         append_row(FLAGS.record, name, row, paired.paired_table_header())
         print(f"kssl: appended to table {name!r} in {FLAGS.record}")
+    record_curves(FLAGS.label or method, result)
+
+
+def record_curves(label: str, result) -> None:
+    """Prints the pseudo-label monitor's curves of a paired result (mean over its seeds)
+    and, with --record, appends them to the table '<table>-curves'."""
+    from kssl import paired
+
+    rows = paired.curve_rows(label, result)
+    if not rows:
+        return
+    print("kssl: pseudo-label curves, mean over seeds\n" + paired.curve_table_header()
+          + "\n" + "\n".join(rows))
+    if FLAGS.record:
+        name = (FLAGS.table or os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]) \
+            + "-curves"
+        for row in rows:
+            append_row(FLAGS.record, name, row, paired.curve_table_header())
+        print(f"kssl: appended {len(rows)} rows to table {name!r} in {FLAGS.record}")
 
 
 @common.guarded
