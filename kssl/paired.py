@@ -261,6 +261,50 @@ def format_comparison(result: PairedResult) -> str:
     return "\n".join(lines)
 
 
+def _predicted_shares(run: SeedRun) -> Optional[np.ndarray]:
+    """[C] share of the scored pixels each class is predicted on (the confusion matrix's
+    column sums: rows are the true classes), or None without a confusion matrix."""
+    matrix = run.metrics.get("confusion_matrix")
+    if matrix is None:
+        return None
+    matrix = np.asarray(matrix, np.float64)
+    return matrix.sum(0) / max(matrix.sum(), 1.0)
+
+
+def format_class_changes(result: PairedResult, class_names) -> str:
+    """Per class, mean over seeds: the twin's and the method's val IoU, their paired
+    difference (± sample sd over two or more seeds), and the share of the val pixels each
+    predicts as the class against its true share: where a gain comes from, and which
+    class a method over- or under-predicts."""
+    lines = [f"{'class':<12} {'twin IoU':>9} {'IoU':>6} {'difference':>13} "
+             f"{'twin pred %':>12} {'pred %':>7} {'true %':>7}"]
+    twin_shares = [_predicted_shares(t) for t in result.twins]
+    run_shares = [_predicted_shares(r) for r in result.runs]
+    have_shares = all(x is not None for x in twin_shares + run_shares)
+    if have_shares:
+        matrix = np.asarray(result.runs[0].metrics["confusion_matrix"], np.float64)
+        true_shares = matrix.sum(1) / max(matrix.sum(), 1.0)
+    for index, name in enumerate(class_names):
+        twin_iou = [(t.metrics.get("per_class_iou") or {}).get(name) for t in result.twins]
+        run_iou = [(r.metrics.get("per_class_iou") or {}).get(name) for r in result.runs]
+        if any(v is None for v in twin_iou + run_iou):
+            ious = f"{'-':>9} {'-':>6} {'-':>13}"
+        else:
+            diffs = [r - t for r, t in zip(run_iou, twin_iou)]
+            mean, sd = mean_and_sd(diffs)
+            diff = f"{100 * mean:+.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+            ious = (f"{100 * np.mean(twin_iou):9.1f} {100 * np.mean(run_iou):6.1f} "
+                    f"{diff:>13}")
+        if have_shares:
+            shares = (f"{100 * np.mean([x[index] for x in twin_shares]):12.1f} "
+                      f"{100 * np.mean([x[index] for x in run_shares]):7.1f} "
+                      f"{100 * true_shares[index]:7.1f}")
+        else:
+            shares = f"{'-':>12} {'-':>7} {'-':>7}"
+        lines.append(f"{name[:12]:<12} {ious} {shares}")
+    return "\n".join(lines)
+
+
 # -- the pseudo-label monitor's curves over seeds ------------------------------------------
 CURVE_POINTS = 5  # monitored steps per target in a recorded curve: first, ..., last
 

@@ -119,6 +119,9 @@ def test_benchmark_seeds_pairs_finished_runs_and_records_one_row(tmp_path):
     table = result.stdout.split("seed by seed\n", 1)[1].splitlines()
     assert table[1].split() == ["0", "40.0", "50.0", "+10.0"]
     assert table[3].split()[:4] == ["mean", "42.0", "53.0", "+11.0"]
+    per_class = result.stdout.split("predicted as the class)\n", 1)[1].splitlines()
+    assert per_class[1].split() == ["background", "42.0", "53.0", "+11.0", "±",
+                                    f"{np.std([10.0, 12.0], ddof=1):.1f}", "-", "-", "-"]
     row = [line for line in record.read_text().splitlines() if line.startswith("| ClassMix")]
     values = table_cells(row[0])
     assert values[4] == f"53.0 ± {np.std([50.0, 56.0], ddof=1):.1f}"
@@ -197,3 +200,24 @@ def test_benchmark_curves_only_records_the_finished_seeds_curves(tmp_path):
     assert result.returncode == 2
     assert "seed_2/metrics.json: not found" in result.stderr.strip().splitlines()[-1]
     assert record.read_text() == text
+
+
+def test_class_changes_pair_each_class_and_read_the_predicted_shares():
+    # Rows are the true classes, columns the predictions.
+    twin_cm = np.array([[80, 20], [0, 100]])
+    run_cm = [np.array([[90, 10], [10, 90]]), np.array([[100, 0], [30, 70]])]
+
+    def run(seed, sky, road, cm):
+        return paired.SeedRun(seed, "w", {"per_class_iou": {"Sky": sky, "Road": road},
+                                          "confusion_matrix": cm.tolist()})
+
+    result = paired.PairedResult("MKD", [run(0, 0.5, 0.6, run_cm[0]), run(1, 0.7, 0.6, run_cm[1])],
+                                 [run(0, 0.4, 0.6, twin_cm), run(1, 0.4, None, twin_cm)])
+    lines = paired.format_class_changes(result, NAMES).splitlines()
+    sky, road = lines[1].split(), lines[2].split()
+    diff_sd = np.std([10.0, 30.0], ddof=1)
+    assert sky[:5] == ["Sky", "40.0", "60.0", "+20.0", "±"] and sky[5] == f"{diff_sd:.1f}"
+    # Predicted shares: column sums over the total (twin 80/200; seeds 100/200, 130/200).
+    assert sky[6:] == ["40.0", f"{(50.0 + 65.0) / 2:.1f}", "50.0"]
+    assert road[1:4] == ["-", "-", "-"]  # a seed without Road's IoU
+    assert road[4:] == ["60.0", f"{(50.0 + 35.0) / 2:.1f}", "50.0"]

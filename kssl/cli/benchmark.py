@@ -259,6 +259,10 @@ def paired_main(command: str) -> None:
     result = paired.PairedResult(method, runs, None if is_twin else twins)
     print("kssl: val mean IoU (%), seed by seed\n" + paired.format_comparison(result))
     reader, _, _ = config.call_configured(training.dataset_setup)
+    if not is_twin:
+        print("kssl: val per class, mean over seeds (IoU %, the paired difference, and the "
+              "share of pixels predicted as the class)\n"
+              + paired.format_class_changes(result, list(reader.info.class_names)))
     seed_command = paired.quote(paired.train_command(
         FLAGS.config, list(FLAGS.gin_param) + ["train.seed = K", "pipeline.seed = K"],
         os.path.join(root, "seed_K")))
