@@ -149,8 +149,7 @@ def finished_seed(workdir: str, seed: int) -> SeedRun:
     no metrics.json (the run never finished)."""
     metrics_path = os.path.join(workdir, "metrics.json")
     if not os.path.exists(metrics_path):
-        raise ValueError(f"{metrics_path}: not found; seed {seed} has not finished (run "
-                         "the same command without --curves_only to train it)")
+        raise ValueError(f"{metrics_path}: not found; seed {seed} has not finished")
     with open(metrics_path) as f:
         return SeedRun(seed, workdir, json.load(f))
 
@@ -275,7 +274,10 @@ def format_class_changes(result: PairedResult, class_names) -> str:
     """Per class, mean over seeds: the twin's and the method's val IoU, their paired
     difference (± sample sd over two or more seeds), and the share of the val pixels each
     predicts as the class against its true share: where a gain comes from, and which
-    class a method over- or under-predicts."""
+    class a method over- or under-predicts. Needs the twins (a semi-supervised result)."""
+    if result.twins is None:
+        raise ValueError("per-class changes compare a method with its twins; this result "
+                         "has none")
     lines = [f"{'class':<12} {'twin IoU':>9} {'IoU':>6} {'difference':>13} "
              f"{'twin pred %':>12} {'pred %':>7} {'true %':>7}"]
     twin_shares = [_predicted_shares(t) for t in result.twins]
@@ -311,10 +313,10 @@ CURVE_POINTS = 5  # monitored steps per target in a recorded curve: first, ..., 
 
 def curve_table_header() -> str:
     """The header of a pseudo-label curve table (see `curve_rows`)."""
-    return ("| method | target | step | pseudo-label mIoU (%) | accuracy (%) | admitted (%) "
-            "| admitted accuracy (%) | KL to the prior, admitted | KL to the prior, all pixels "
-            "| share gained most, lost most (points, by seed) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    return ("| method | seeds | target | step | pseudo-label mIoU (%) | accuracy (%) "
+            "| admitted (%) | admitted accuracy (%) | KL to the prior, admitted "
+            "| KL to the prior, all pixels | share gained most, lost most (points, by seed) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _mean_sd_text(values, scale: float, digits: int) -> str:
@@ -340,9 +342,10 @@ def curve_rows(label: str, result: PairedResult, points: int = CURVE_POINTS) -> 
     of every seed of `result`: per target and monitored step (steps every seed has, at
     most `points` of them), the mean ± sample sd over seeds of each score, and each
     seed's most gained and most lost share of the admitted pseudo-labels against the
-    labelled prior ('-' and 'none admitted' where a seed admits nothing). [] when no
-    seed has a history."""
+    labelled prior ('-' and 'none admitted' where a seed admits nothing). Only targets
+    and steps that every seed has count, so [] when one seed has no history."""
     histories = [run.metrics.get("pseudo_label_monitor") or {} for run in result.runs]
+    seeds = ",".join(str(run.seed) for run in result.runs)
     targets = [name for name in histories[0] if all(name in h for h in histories)]
     rows = []
     for target in targets:
@@ -364,8 +367,9 @@ def curve_rows(label: str, result: PairedResult, points: int = CURVE_POINTS) -> 
                 f"{e['most_lost'][0]} {e['most_lost'][1]:+.1f}"
                 for e, empty in zip(entries, none_admitted))
             rows.append(
-                f"| {label} | {target} | {step} | {column('mean_iou')} | {column('accuracy')} "
-                f"| {column('admitted_share')} | {column('admitted_accuracy')} "
+                f"| {label} | {seeds} | {target} | {step} | {column('mean_iou')} "
+                f"| {column('accuracy')} | {column('admitted_share')} "
+                f"| {column('admitted_accuracy')} "
                 f"| {kl_admitted} | {column('prediction_kl_to_prior', 1.0, 3)} "
                 f"| {moves} |")
     return rows

@@ -151,27 +151,36 @@ def test_curve_steps_spread_evenly_with_the_first_and_last():
 
 
 def test_curve_rows_average_the_seeds_step_by_step():
+    older = monitor_entry(500, 0.44, 0.7, 0.15)
+    del older["prediction_kl_to_prior"]  # written before the monitor kept it
     histories = [
         {"teacher": [monitor_entry(250, 0.30, 0.0, 1.2),
-                     monitor_entry(500, 0.40, 0.5, 0.05, ("Car", 2.0))]},
-        {"teacher": [monitor_entry(250, 0.34, 0.0, 1.0),
-                     monitor_entry(500, 0.44, 0.7, 0.15),
-                     monitor_entry(750, 0.5, 0.7, 0.1)]},  # a step only one seed has
+                     monitor_entry(500, 0.40, 0.5, 0.05, ("Car", 2.0)),
+                     monitor_entry(750, 0.5, 0.0, 0.1)],
+         "student": [monitor_entry(250, 0.2, 1.0, 0.1)]},  # a target only one seed has
+        {"teacher": [monitor_entry(250, 0.34, 0.0, 1.0), older,
+                     monitor_entry(750, 0.5, 0.6, 0.2),
+                     monitor_entry(1000, 0.5, 0.7, 0.1)]},  # a step only one seed has
     ]
     runs = [paired.SeedRun(k, f"w/seed_{k}", {"pseudo_label_monitor": h})
             for k, h in enumerate(histories)]
     rows = paired.curve_rows("ClassMix", paired.PairedResult("ClassMix", runs))
-    assert len(rows) == 2
+    assert len(rows) == 3
     header = table_cells(paired.curve_table_header().splitlines()[0])
-    first, second = table_cells(rows[0]), table_cells(rows[1])
+    first, second, third = (table_cells(row) for row in rows)
     assert len(first) == len(header)
     sd = np.std([30.0, 34.0], ddof=1)
-    assert first[:5] == ["ClassMix", "teacher", "250", f"32.0 ± {sd:.1f}", "80.0 ± 0.0"]
-    assert first[5] == "0.0 ± 0.0" and first[6] == "-"  # nothing admitted: no accuracy
-    assert first[7] == "-" and first[9] == "none admitted / none admitted"
-    assert second[7] == f"0.100 ± {np.std([0.05, 0.15], ddof=1):.3f}"
-    assert second[2] == "500" and second[5] == f"60.0 ± {np.std([50., 70.], ddof=1):.1f}"
-    assert second[9] == "Car +2.0, Sky -5.0 / Road +5.0, Sky -5.0"
+    assert first[:6] == ["ClassMix", "0,1", "teacher", "250", f"32.0 ± {sd:.1f}", "80.0 ± 0.0"]
+    assert first[6] == "0.0 ± 0.0" and first[7] == "-"  # nothing admitted: no accuracy
+    assert first[8] == "-" and first[10] == "none admitted / none admitted"
+    assert first[9] == "0.100 ± 0.000"  # the KL of all pixels' pseudo-labels
+    assert second[3] == "500" and second[6] == f"60.0 ± {np.std([50., 70.], ddof=1):.1f}"
+    assert second[8] == f"0.100 ± {np.std([0.05, 0.15], ddof=1):.3f}"
+    assert second[9] == "-"  # one seed's entry has no all-pixel KL
+    assert second[10] == "Car +2.0, Sky -5.0 / Road +5.0, Sky -5.0"
+    # One seed admits nothing at step 750: no admitted KL, its moves say so.
+    assert third[3] == "750" and third[8] == "-"
+    assert third[10] == "none admitted / Road +5.0, Sky -5.0"
     # Runs without a monitor (supervised twins) give no rows.
     assert paired.curve_rows("x", paired.PairedResult("x", [seed_run(0, 0.4, 0.9)])) == []
 
@@ -189,23 +198,40 @@ def test_benchmark_curves_only_records_the_finished_seeds_curves(tmp_path):
             "--record", str(record), "--table", "t", "--curves_only"]
     result = run_tool("benchmark", *args, "--seeds", "0,1", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "reusing" not in result.stdout  # no twin is looked for, nothing trained
+    assert not twins.exists()  # no twin is looked for, nothing trained
     text = record.read_text()
     assert "<!-- table: t-curves -->" in text and "<!-- table: t -->" not in text
     row = [line for line in text.splitlines() if line.startswith("| ClassMix")]
     assert len(row) == 1
-    assert table_cells(row[0])[1:4] == ["teacher", "3", f"25.0 ± {np.std([20., 30.], ddof=1):.1f}"]
+    assert table_cells(row[0])[1:5] == ["0,1", "teacher", "3",
+                                        f"25.0 ± {np.std([20., 30.], ddof=1):.1f}"]
     # A seed that never finished is named, and nothing is recorded.
     result = run_tool("benchmark", *args, "--seeds", "0,2", cwd=REPO)
     assert result.returncode == 2
     assert "seed_2/metrics.json: not found" in result.stderr.strip().splitlines()[-1]
     assert record.read_text() == text
+    # A curve table with other columns is refused (bin/benchmark checks before writing).
+    from kssl.cli import benchmark
+
+    other = tmp_path / "C.md"
+    other.write_text("<!-- table: t-curves -->\n| a | b |\n|---|---|\n")
+    with pytest.raises(config.ConfigError, match="has other columns"):
+        benchmark.check_table(str(other), "t-curves", paired.curve_table_header())
+    benchmark.check_table(str(record), "t-curves", paired.curve_table_header())
+    # A supervised config has no curves.
+    supervised = tmp_path / "tiny_supervised.gin"
+    supervised.write_text(TINY_SHAPES_CONFIG)
+    result = run_tool("benchmark", "--config", str(supervised), "--curves_only", "--seeds",
+                      "0", "--workdir", str(workdir), cwd=REPO)
+    assert result.returncode == 2 and "no pseudo-labels" in result.stderr
 
 
 def test_class_changes_pair_each_class_and_read_the_predicted_shares():
     # Rows are the true classes, columns the predictions.
+    # Row and column sums differ in every matrix, so a swapped axis shows.
     twin_cm = np.array([[80, 20], [0, 100]])
-    run_cm = [np.array([[90, 10], [10, 90]]), np.array([[100, 0], [30, 70]])]
+    run_cm = [np.array([[90, 10], [10, 90]]) + np.array([[0, 40], [0, 0]]),
+              np.array([[100, 0], [30, 70]])]
 
     def run(seed, sky, road, cm):
         return paired.SeedRun(seed, "w", {"per_class_iou": {"Sky": sky, "Road": road},
@@ -217,7 +243,12 @@ def test_class_changes_pair_each_class_and_read_the_predicted_shares():
     sky, road = lines[1].split(), lines[2].split()
     diff_sd = np.std([10.0, 30.0], ddof=1)
     assert sky[:5] == ["Sky", "40.0", "60.0", "+20.0", "±"] and sky[5] == f"{diff_sd:.1f}"
-    # Predicted shares: column sums over the total (twin 80/200; seeds 100/200, 130/200).
-    assert sky[6:] == ["40.0", f"{(50.0 + 65.0) / 2:.1f}", "50.0"]
+    # Predicted shares: column sums over the total (twin 80/200; seeds 100/240, 130/200);
+    # the true share from the first seed's row sums (140/240).
+    assert sky[6:] == ["40.0", f"{(100 / 240 + 130 / 200) / 2 * 100:.1f}",
+                       f"{140 / 240 * 100:.1f}"]
     assert road[1:4] == ["-", "-", "-"]  # a seed without Road's IoU
-    assert road[4:] == ["60.0", f"{(50.0 + 35.0) / 2:.1f}", "50.0"]
+    assert road[4:] == ["60.0", f"{(140 / 240 + 70 / 200) / 2 * 100:.1f}",
+                        f"{100 / 240 * 100:.1f}"]
+    with pytest.raises(ValueError, match="twins"):
+        paired.format_class_changes(paired.PairedResult("Supervised", result.twins), NAMES)

@@ -48,8 +48,9 @@ flags.DEFINE_string("seeds", None,
                     "<workdir>/seed_k; a finished seed is reused, an interrupted one resumed.")
 flags.DEFINE_bool("curves_only", False,
                   "--seeds: train nothing; print (and with --record, append to the table "
-                  "'<table>-curves') the pseudo-label monitor's curves of the seeds already "
-                  "finished in --workdir, e.g. for a row recorded before its curves were.")
+                  "'<table>-curves') the pseudo-label monitor's curves of the seeds of a "
+                  "semi-supervised config already finished in --workdir, e.g. for a row "
+                  "recorded before its curves were.")
 flags.DEFINE_string("twins_dir", os.path.join("runs", "twins"),
                     "--seeds: where supervised twins are kept, one folder per setting, "
                     "shared by every config with the same supervised bindings.")
@@ -194,15 +195,20 @@ def append_row(path: str, table: str, row: str, header: Optional[str] = None) ->
     run_files.write_text(path, text)  # atomically: a kill never halves the file
 
 
+def check_table(path: str, table: str, header: str) -> None:
+    """Raises ConfigError when `table` exists in `path` with other columns than `header`'s."""
+    from kssl.config import ConfigError
+
+    existing = existing_header(path, table)
+    if existing is not None and existing != header.split("\n")[0]:
+        raise ConfigError(f"table {table!r} in {path} has other columns than the rows "
+                          "this command records there; choose another --table")
+
+
 def check_pipeline_table(path: str, table: str) -> None:
     """Raises ConfigError when `table` exists in `path` with other columns than a
     `--pipeline_only` row's (checked before measuring, not after)."""
-    from kssl.config import ConfigError
-
-    header = existing_header(path, table)
-    if header is not None and header != pipeline_table_header().split("\n")[0]:
-        raise ConfigError(f"table {table!r} in {path} has other columns than a "
-                          f"--pipeline_only row; choose another --table")
+    check_table(path, table, pipeline_table_header())
 
 
 def pipeline_main(command: str) -> None:
@@ -232,6 +238,21 @@ def paired_main(command: str) -> None:
     workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir,
                                       prefix="benchmark-")
     method = paired.configured_method()
+    table = FLAGS.table or os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
+    if FLAGS.curves_only:
+        if method == paired.SUPERVISED:
+            raise ValueError("--curves_only: a supervised config has no pseudo-labels, so "
+                             "no curves")
+        if FLAGS.record:
+            check_table(FLAGS.record, table + "-curves", paired.curve_table_header())
+        record_curves(FLAGS.label or method, table, paired.PairedResult(
+            method, [paired.finished_seed(os.path.join(workdir, f"seed_{seed}"), seed)
+                     for seed in seeds]))
+        return
+    if FLAGS.record:  # before training: a table with other columns would refuse the row
+        check_table(FLAGS.record, table, paired.paired_table_header())
+        if method != paired.SUPERVISED:
+            check_table(FLAGS.record, table + "-curves", paired.curve_table_header())
     bindings = paired.supervised_bindings()
     twin_root = os.path.join(FLAGS.twins_dir, paired.twin_key(bindings))
     os.makedirs(twin_root, exist_ok=True)
@@ -243,11 +264,6 @@ def paired_main(command: str) -> None:
     root = twin_root if is_twin else workdir
     print(f"kssl: {method} with seeds {seeds} in {root}"
           + ("" if is_twin else f"; supervised twins in {twin_root}"), flush=True)
-    if FLAGS.curves_only:
-        record_curves(FLAGS.label or method, paired.PairedResult(
-            method, [paired.finished_seed(os.path.join(root, f"seed_{seed}"), seed)
-                     for seed in seeds]))
-        return
     runs, twins = [], []
     for seed in seeds:
         runs.append(paired.run_seed(FLAGS.config, FLAGS.gin_param,
@@ -271,32 +287,29 @@ def paired_main(command: str) -> None:
                             command, seed_command)
     print(row)
     if FLAGS.record:
-        name = FLAGS.table or os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]
-        header = existing_header(FLAGS.record, name)
-        if header is not None and header != paired.paired_table_header().split("\n")[0]:
-            raise config.ConfigError(f"table {name!r} in {FLAGS.record} has other columns "
-                                     "than a --seeds row; choose another --table")
-        append_row(FLAGS.record, name, row, paired.paired_table_header())
-        print(f"kssl: appended to table {name!r} in {FLAGS.record}")
-    record_curves(FLAGS.label or method, result)
+        append_row(FLAGS.record, table, row, paired.paired_table_header())
+        print(f"kssl: appended to table {table!r} in {FLAGS.record}")
+    if not is_twin:
+        record_curves(FLAGS.label or method, table, result)
 
 
-def record_curves(label: str, result) -> None:
+def record_curves(label: str, table: str, result) -> None:
     """Prints the pseudo-label monitor's curves of a paired result (mean over its seeds)
-    and, with --record, appends them to the table '<table>-curves'."""
+    and, with --record, appends them to the table '<table>-curves' (in one write)."""
     from kssl import paired
 
     rows = paired.curve_rows(label, result)
     if not rows:
+        print("kssl: no pseudo-label curves: the seeds' metrics.json hold no monitor "
+              "history common to all of them", flush=True)
         return
     print("kssl: pseudo-label curves, mean over seeds\n" + paired.curve_table_header()
           + "\n" + "\n".join(rows))
     if FLAGS.record:
-        name = (FLAGS.table or os.path.splitext(os.path.basename(FLAGS.config[-1]))[0]) \
-            + "-curves"
-        for row in rows:
-            append_row(FLAGS.record, name, row, paired.curve_table_header())
-        print(f"kssl: appended {len(rows)} rows to table {name!r} in {FLAGS.record}")
+        append_row(FLAGS.record, table + "-curves", "\n".join(rows),
+                   paired.curve_table_header())
+        print(f"kssl: appended {len(rows)} rows to table {table + '-curves'!r} in "
+              f"{FLAGS.record}")
 
 
 @common.guarded
