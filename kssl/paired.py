@@ -190,10 +190,12 @@ class PairedResult:
         return out
 
 
-def _pm(mean: float, sd: float, scale: float = 100.0) -> str:
-    if math.isnan(sd):
-        return f"{scale * mean:.1f}"
-    return f"{scale * mean:.1f} ± {scale * sd:.1f}"
+def _pm(mean: float, sd: float, scale: float = 100.0, digits: int = 1,
+        signed: bool = False) -> str:
+    """'mean ± sd' scaled, or the mean alone when the sd is nan (one seed)."""
+    sign = "+" if signed else ""
+    text = f"{scale * mean:{sign}.{digits}f}"
+    return text if math.isnan(sd) else f"{text} ± {scale * sd:.{digits}f}"
 
 
 def paired_table_header() -> str:
@@ -293,8 +295,7 @@ def format_class_changes(result: PairedResult, class_names) -> str:
             ious = f"{'-':>9} {'-':>6} {'-':>13}"
         else:
             diffs = [r - t for r, t in zip(run_iou, twin_iou)]
-            mean, sd = mean_and_sd(diffs)
-            diff = f"{100 * mean:+.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
+            diff = _pm(*mean_and_sd(diffs), signed=True)
             ious = (f"{100 * np.mean(twin_iou):9.1f} {100 * np.mean(run_iou):6.1f} "
                     f"{diff:>13}")
         if have_shares:
@@ -323,9 +324,7 @@ def _mean_sd_text(values, scale: float, digits: int) -> str:
     """'m ± sd' of the values that are not None ('-' when a seed has none)."""
     if any(v is None for v in values):
         return "-"
-    mean, sd = mean_and_sd(values)
-    text = f"{scale * mean:.{digits}f}"
-    return text if math.isnan(sd) else f"{text} ± {scale * sd:.{digits}f}"
+    return _pm(*mean_and_sd(values), scale, digits)
 
 
 def curve_steps(steps: Sequence[int], points: int = CURVE_POINTS) -> List[int]:
