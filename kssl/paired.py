@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 SUPERVISED = "Supervised"
+# The curves' reference target: the supervised twin's own argmax on the monitored images.
+TWIN_TARGET = "supervised twin"
 # Bindings a supervised run never reads, or that do not change what it learns.
 _IGNORED_PARAMETERS = {
     "train": {"method", "seed", "verbose", "overwrite", "eval_every_epochs", "start_stage"},
@@ -334,6 +336,24 @@ def curve_steps(steps: Sequence[int], points: int = CURVE_POINTS) -> List[int]:
         return steps
     picks = np.unique(np.round(np.linspace(0, len(steps) - 1, points)).astype(int))
     return [steps[i] for i in picks]
+
+
+def with_twin_reference(result: PairedResult, references) -> PairedResult:
+    """`result` with, in each seed's monitor history, one more target, TWIN_TARGET, at
+    that seed's last monitored step: `references[i]`, the monitor's scores of seed i's
+    supervised twin network on the same monitored images
+    (`pseudo_label_monitor.score_network`). `curve_rows` then shows the pseudo-labels next
+    to what supervised training alone predicts there. A seed without a history, or
+    whose reference is None, is left as it is."""
+    runs = []
+    for run, reference in zip(result.runs, references):
+        history = dict(run.metrics.get("pseudo_label_monitor") or {})
+        if history and reference is not None:
+            last = max(entry["step"] for entries in history.values() for entry in entries)
+            history[TWIN_TARGET] = [dict(reference, step=last)]
+        runs.append(dataclasses.replace(
+            run, metrics=dict(run.metrics, pseudo_label_monitor=history)))
+    return dataclasses.replace(result, runs=runs)
 
 
 def curve_rows(label: str, result: PairedResult, points: int = CURVE_POINTS) -> List[str]:

@@ -245,6 +245,12 @@ def summary(history: Dict[str, List[dict]]) -> dict:
     return {name: list(entries) for name, entries in history.items()}
 
 
+def subset_ids(examples, count: int) -> list:
+    """The ids of `count` examples spread evenly over the list (the monitored subset)."""
+    stride = max(1, len(examples) // max(count, 1))
+    return list(examples.ids[::stride][:count])
+
+
 def load_subset(reader, examples, count: int, size=None, with_masks: bool = False):
     """`count` examples spread evenly over the list (a sorted pool holds whole video
     sequences in turn), as stacked arrays: (float32 images [N, H, W, 3], int masks
@@ -252,8 +258,7 @@ def load_subset(reader, examples, count: int, size=None, with_masks: bool = Fals
     image's size when None, so that the subset stacks into one array."""
     from kssl.data import transforms
 
-    stride = max(1, len(examples) // max(count, 1))
-    chosen = examples.select(list(examples.ids[::stride][:count]))
+    chosen = examples.select(subset_ids(examples, count))
     images, masks = [], []
     for example in reader.load(chosen, with_masks=with_masks):
         if size is None:
@@ -263,6 +268,16 @@ def load_subset(reader, examples, count: int, size=None, with_masks: bool = Fals
         if with_masks:
             masks.append(example["mask"].numpy().astype(np.int64))
     return np.stack(images), (np.stack(masks) if with_masks else None)
+
+
+def score_network(network, images, truth, prior, class_names, batch_size: int = 8) -> dict:
+    """The monitor's numbers (`score_targets`) for `network`'s own argmax on the subset,
+    every pixel admitted, predicted in inference mode: what a supervised network would
+    teach on the same images, the reference for a method's pseudo-labels."""
+    labels = np.concatenate([
+        np.argmax(np.asarray(network(images[start:start + batch_size], training=False)), -1)
+        for start in range(0, len(images), batch_size)])
+    return score_targets(labels, np.ones(labels.shape, bool), truth, prior, class_names)
 
 
 def labelled_prior(class_pixels) -> np.ndarray:

@@ -29,8 +29,9 @@ from absl import logging
 from kssl import config as kssl_config
 from kssl import evaluation, pseudo_label_monitor
 from kssl import run_files
-from kssl.configured import (build_model, check_run, dataset_setup, evaluation_settings, method_pool,
-                             monitor_settings, pipeline_settings, prepare_data,
+from kssl.configured import (build_model, check_run, dataset_setup, evaluation_settings,
+                             labelled_subset, method_pool, monitor_settings,
+                             pipeline_settings, prepare_data, unlabelled_source,
                              record_model_layout, scorer, supervised_loss_settings,
                              training_stream)
 from kssl.data import class_balance, validate
@@ -434,6 +435,29 @@ def build_monitor(model, reader, train_split, labelled, unlabelled, unlabelled_r
     return pseudo_label_monitor.PseudoLabelMonitor(
         images, truth, partners, prior, reader.info.class_names,
         every_steps or steps_per_epoch, directory=workdir)
+
+
+def monitored_subset():
+    """The pseudo-label monitor's subset under the parsed config, as `build_monitor`
+    chooses it: (reader, float images, ground-truth masks, the labelled masks' class
+    prior), or None where there is nothing to score (the monitor off, no unlabelled pool,
+    a separate unlabelled source, or a pool without ground truth)."""
+    reader, train_split, _ = kssl_config.call_configured(dataset_setup)
+    count, _ = monitor_settings()
+    _, extra = unlabelled_source()
+    if not count or extra is not None:
+        return None
+    labelled, unlabelled = kssl_config.call_configured(
+        labelled_subset, reader.examples(train_split), reader)
+    if unlabelled is None or len(unlabelled) == 0:
+        return None
+    pool = with_ground_truth(unlabelled, reader, train_split, check=False)
+    if not pool.has_masks:
+        return None
+    images, truth = pseudo_label_monitor.load_subset(
+        reader, pool, count, pipeline_settings()["resize"], with_masks=True)
+    counts = class_balance.class_pixel_counts(reader, labelled, reader.info.num_classes)
+    return reader, images, truth, pseudo_label_monitor.labelled_prior(counts[0])
 
 
 def with_ground_truth(pool: Examples, reader, train_split, check: bool) -> Examples:

@@ -198,7 +198,8 @@ def test_benchmark_curves_only_records_the_finished_seeds_curves(tmp_path):
             "--record", str(record), "--table", "t", "--curves_only"]
     result = run_tool("benchmark", *args, "--seeds", "0,1", cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not twins.exists()  # no twin is looked for, nothing trained
+    assert not twins.exists()  # nothing trained, no twin folder made
+    assert "no supervised twin reference in the curves" in result.stdout
     text = record.read_text()
     assert "<!-- table: t-curves -->" in text and "<!-- table: t -->" not in text
     row = [line for line in text.splitlines() if line.startswith("| ClassMix")]
@@ -252,3 +253,25 @@ def test_class_changes_pair_each_class_and_read_the_predicted_shares():
                         f"{100 / 240 * 100:.1f}"]
     with pytest.raises(ValueError, match="twins"):
         paired.format_class_changes(paired.PairedResult("Supervised", result.twins), NAMES)
+
+
+def test_the_twins_own_predictions_join_the_curves_at_the_last_step():
+    histories = [
+        {"teacher": [monitor_entry(250, 0.30, 0.5, 0.2), monitor_entry(500, 0.40, 0.6, 0.1)]},
+        {"teacher": [monitor_entry(250, 0.36, 0.5, 0.2), monitor_entry(500, 0.44, 0.6, 0.1)]}]
+    runs = [paired.SeedRun(k, f"w/seed_{k}", {"pseudo_label_monitor": h})
+            for k, h in enumerate(histories)]
+    references = [dict(monitor_entry(0, 0.38, 1.0, 0.3), step=None),
+                  dict(monitor_entry(0, 0.42, 1.0, 0.3), step=None)]
+    result = paired.with_twin_reference(paired.PairedResult("ClassMix", runs), references)
+    assert runs[0].metrics["pseudo_label_monitor"] == histories[0]  # the input is kept
+    rows = [table_cells(row) for row in paired.curve_rows("ClassMix", result)]
+    assert [row[2:4] for row in rows] == [["teacher", "250"], ["teacher", "500"],
+                                         [paired.TWIN_TARGET, "500"]]
+    assert rows[2][4] == f"40.0 ± {np.std([38.0, 42.0], ddof=1):.1f}"
+    assert rows[2][6] == "100.0 ± 0.0"
+    # A seed without a reference keeps its history; then the twin target is not common.
+    partial = paired.with_twin_reference(paired.PairedResult("ClassMix", runs),
+                                         [references[0], None])
+    assert [table_cells(row)[2] for row in paired.curve_rows("ClassMix", partial)] == \
+        ["teacher", "teacher"]

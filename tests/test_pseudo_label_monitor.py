@@ -154,3 +154,68 @@ def test_mkd_hands_over_each_teachers_target_and_each_students_argmax(threshold)
             assert admitted is None
         else:
             np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) >= threshold)
+
+
+def test_a_networks_own_argmax_is_scored_in_inference_mode_with_every_pixel_admitted():
+    labels = np.array([[[0, 0, 1], [2, 2, 2]], [[1, 1, 1], [0, 2, 2]]])
+    truth = np.array([[[0, 1, 1], [2, 2, IGNORE_LABEL]], [[1, 1, 0], [0, 2, 2]]])
+    modes = []
+
+    def network(images, training):  # one-hot logits of `labels`, row by row
+        modes.append(training)
+        rows = np.asarray(images)[:, 0, 0, 0].astype(int)
+        return np.eye(3)[labels[rows]]
+
+    images = np.zeros((2, 2, 3, 3), np.float32)
+    images[1] = 1.0  # row index of each image, read back by the network
+    prior = np.array([0.5, 0.25, 0.25])
+    scores = monitor.score_network(network, images, truth, prior, NAMES, batch_size=1)
+    assert modes == [False, False]  # inference mode, one call per batch
+    # Valid pixels: 5 + 6. Confusion (truth, label): image 0 (0,0) (1,0) (1,1) (2,2) (2,2);
+    # image 1 (1,1) (1,1) (0,1) (0,0) (2,2) (2,2). a: 2 / (2 + 1 + 1) = 0.5;
+    # b: 3 / (4 + 4 - 3) = 0.6; c: 4 / 4 = 1.0 -> mean 0.7; accuracy 9 / 11.
+    assert scores["mean_iou"] == pytest.approx(0.7)
+    assert scores["accuracy"] == pytest.approx(9 / 11)
+    assert scores["admitted_share"] == 1.0 and scores["admitted_accuracy"] == pytest.approx(9 / 11)
+    assert scores["kl_to_prior"] == pytest.approx(scores["prediction_kl_to_prior"])
+
+
+def test_the_monitored_subset_is_the_one_training_scores(tmp_path):
+    """`training.monitored_subset` rebuilds, from a parsed config, the images the monitor
+    of a run with that config scores (the reference target of bin/benchmark's curves)."""
+    import gin
+
+    from kssl import config, training
+    from kssl.data import splits
+    from kssl.data.readers.shapes import Shapes
+    from tiny import TINY_SHAPES_CONFIG
+
+    cfg = tmp_path / "c.gin"
+    cfg.write_text(TINY_SHAPES_CONFIG + "train.method = @ClassMix\n"
+                   "pseudo_label_monitor.images = 4\n")
+    config.parse([str(cfg)])
+    try:
+        reader, images, truth, prior = training.monitored_subset()
+    finally:
+        gin.clear_config()
+    shapes = Shapes(num_train=24, height=48, width=64)
+    examples = shapes.examples("train")
+    labelled, pool = splits.labelled_split(examples, count=8)
+    every = len(pool) // 4  # 16 unlabelled images, 4 of them, every 4th
+    chosen = [int(i.split("/")[1]) for i in pool.ids[::every][:4]]
+    all_images, all_masks = shapes.arrays("train")
+    np.testing.assert_array_equal(images, all_images[chosen].astype(np.float32))
+    np.testing.assert_array_equal(truth, all_masks[chosen])
+    labelled_rows = [int(i.split("/")[1]) for i in labelled.ids]
+    masks = all_masks[labelled_rows]
+    counts = np.bincount(masks[masks != IGNORE_LABEL], minlength=7)
+    np.testing.assert_allclose(prior, counts / counts.sum())
+    assert reader.info.num_classes == 7
+
+    cfg.write_text(TINY_SHAPES_CONFIG + "train.method = @ClassMix\n"
+                   "pseudo_label_monitor.images = 0\n")
+    config.parse([str(cfg)])
+    try:
+        assert training.monitored_subset() is None
+    finally:
+        gin.clear_config()

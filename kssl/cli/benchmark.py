@@ -245,9 +245,18 @@ def paired_main(command: str) -> None:
                              "no curves")
         if FLAGS.record:
             check_table(FLAGS.record, table + "-curves", paired.curve_table_header())
+        twin_root = os.path.join(FLAGS.twins_dir,
+                                 paired.twin_key(paired.supervised_bindings()))
+        twin_dirs = [os.path.join(twin_root, f"seed_{seed}") for seed in seeds]
+        twins = None  # the reference target needs every seed's twin
+        if all(os.path.exists(os.path.join(d, "metrics.json")) for d in twin_dirs):
+            twins = [paired.finished_seed(d, seed) for d, seed in zip(twin_dirs, seeds)]
+        else:
+            print(f"kssl: no supervised twin reference in the curves: not every seed has a "
+                  f"finished twin in {twin_root}", flush=True)
         record_curves(FLAGS.label or method, table, paired.PairedResult(
             method, [paired.finished_seed(os.path.join(workdir, f"seed_{seed}"), seed)
-                     for seed in seeds]))
+                     for seed in seeds], twins))
         return
     if FLAGS.record:  # before training: a table with other columns would refuse the row
         check_table(FLAGS.record, table, paired.paired_table_header())
@@ -294,10 +303,17 @@ def paired_main(command: str) -> None:
 
 
 def record_curves(label: str, table: str, result) -> None:
-    """Prints the pseudo-label monitor's curves of a paired result (mean over its seeds)
-    and, with --record, appends them to the table '<table>-curves' (in one write)."""
+    """Prints the pseudo-label monitor's curves of a paired result (mean over its seeds),
+    with its twins' own predictions on the monitored images as the reference target
+    (`paired.TWIN_TARGET`), and, with --record, appends them to the table
+    '<table>-curves' (in one write). Run last: scoring the twins parses their configs."""
     from kssl import paired
 
+    references = None
+    if all(run.metrics.get("pseudo_label_monitor") for run in result.runs):
+        references = twin_references(result.twins)
+    if references:
+        result = paired.with_twin_reference(result, references)
     rows = paired.curve_rows(label, result)
     if not rows:
         print("kssl: no pseudo-label curves: the seeds' metrics.json hold no monitor "
@@ -310,6 +326,27 @@ def record_curves(label: str, table: str, result) -> None:
                    paired.curve_table_header())
         print(f"kssl: appended {len(rows)} rows to table {table + '-curves'!r} in "
               f"{FLAGS.record}")
+
+
+def twin_references(twins):
+    """Each twin's monitor scores on the images the method's monitor scored
+    (`pseudo_label_monitor.score_network`), or None (no twins, or nothing monitored with
+    ground truth). Reads the method's parsed config first, then each twin's own."""
+    import gin
+
+    from kssl import pseudo_label_monitor, training
+
+    subset = training.monitored_subset() if twins else None
+    if subset is None:
+        return None
+    reader, images, truth, prior = subset
+    references = []
+    for twin in twins:
+        gin.clear_config()  # the twin's own config, nothing left from the method's
+        _, _, network = common.load_trained(twin.workdir)
+        references.append(pseudo_label_monitor.score_network(
+            network, images, truth, prior, reader.info.class_names))
+    return references
 
 
 @common.guarded
