@@ -317,6 +317,10 @@ def test_step_losses_match_a_hand_computation(variant, controls):
     partner_admitted = partner_confidence >= np.float32(tau)
 
     options = {False: {}, True: CONTROLS, "class_aware": CLASS_AWARE}[controls]
+    # One case keeps the labelled term at a supervised run's weight (not the code's halving).
+    scale = 1.0 if controls == "class_aware" else 0.5
+    if scale != 0.5:
+        options = dict(options, loss_scale=scale)
     model = UniMatch(net, NUM_CLASSES, variant=variant, confidence_threshold=tau,
                      strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2,
                      **options)
@@ -378,14 +382,14 @@ def test_step_losses_match_a_hand_computation(variant, controls):
     np.testing.assert_allclose(logs["confident_share"], share, rtol=1e-6)
     if variant == "fixmatch":
         assert "fp_loss" not in logs
-        np.testing.assert_allclose(logs["loss"], (supervised + strong[0]) / 2, rtol=1e-5)
+        np.testing.assert_allclose(logs["loss"], scale * (supervised + strong[0]), rtol=1e-5)
         return
     # The perturbed pass: the linear head on the channel-dropped weak features.
     both = np.concatenate([labelled["image"], weak])
     dropped = model.perturbed_features({"stem": tf.constant(both)}, 2, 0)["stem"].numpy()
     fp = term(logits_of(dropped[-2:]), labels, admitted, counted)
     np.testing.assert_allclose(logs["fp_loss"], fp, rtol=1e-5)
-    want = (supervised + 0.25 * strong[0] + 0.25 * strong[1] + 0.5 * fp) / 2
+    want = scale * (supervised + 0.25 * strong[0] + 0.25 * strong[1] + 0.5 * fp)
     np.testing.assert_allclose(logs["loss"], want, rtol=1e-5)
 
 
@@ -444,6 +448,8 @@ def test_controls_are_off_by_default_and_bad_settings_refused():
                  thresholds="class_adaptive")
     with pytest.raises(ValueError, match="class weights"):  # none to weigh by
         FixMatch(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True, seed=0)
+    with pytest.raises(ValueError, match="loss_scale must be > 0, got 0"):
+        UniMatch(linear_segmenter()[0], NUM_CLASSES, loss_scale=0)
 
 
 def numpy_ohem(logits, labels, threshold, min_kept):
