@@ -31,9 +31,8 @@ from kssl import evaluation, pseudo_label_monitor
 from kssl import run_files
 from kssl.configured import (build_model, check_run, dataset_setup, evaluation_settings,
                              labelled_subset, method_pool, monitor_settings,
-                             pipeline_settings, prepare_data, unlabelled_source,
-                             record_model_layout, scorer, supervised_loss_settings,
-                             training_stream)
+                             pipeline_settings, prepare_data, record_model_layout, scorer,
+                             supervised_loss_settings, training_stream, unlabelled_source)
 from kssl.data import class_balance, validate
 from kssl.data.examples import Examples
 from kssl.data.pseudo_masks import PseudoMaskStore, stability_against, write_pseudo_masks
@@ -441,7 +440,9 @@ def monitored_subset():
     """The pseudo-label monitor's subset under the parsed config, as `build_monitor`
     chooses it: (reader, float images, ground-truth masks, the labelled masks' class
     prior), or None where there is nothing to score (the monitor off, no unlabelled pool,
-    a separate unlabelled source, or a pool without ground truth)."""
+    a separate unlabelled source, or a pool without ground truth). Reads the unscoped
+    bindings: a staged method's `stage_N/` bindings of the monitor or the pipeline are
+    not applied."""
     reader, train_split, _ = kssl_config.call_configured(dataset_setup)
     count, _ = monitor_settings()
     _, extra = unlabelled_source()

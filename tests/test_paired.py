@@ -227,6 +227,52 @@ def test_benchmark_curves_only_records_the_finished_seeds_curves(tmp_path):
     assert result.returncode == 2 and "no pseudo-labels" in result.stderr
 
 
+def test_curves_only_scores_the_twins_on_the_monitored_images(tmp_path):
+    """With every seed's twin finished, the curves end with the twins' own predictions on
+    the images the method's monitor scored (here all 16 unlabelled ones)."""
+    import gin
+
+    from kssl.data.readers.shapes import Shapes
+    from tiny import TINY_SHAPES_CONFIG, write_untrained_run
+
+    cfg = tmp_path / "tiny_classmix.gin"
+    cfg.write_text(TINY_SHAPES_CONFIG + "train.method = @ClassMix\n")
+    config.parse([str(cfg)])
+    key = paired.twin_key(paired.supervised_bindings())
+    gin.clear_config()
+    workdir, twins = tmp_path / "run", tmp_path / "twins"
+    for seed in (0, 1):
+        write_finished(str(workdir / f"seed_{seed}"), seed, 0.5,
+                       {"teacher": [monitor_entry(3, 0.2, 0.25, 0.5),
+                                    monitor_entry(6, 0.3, 0.25, 0.5)]})
+        network = write_untrained_run(str(twins / key / f"seed_{seed}"))
+        write_finished(str(twins / key / f"seed_{seed}"), seed, 0.4)
+    result = run_tool("benchmark", "--config", str(cfg), "--workdir", str(workdir),
+                      "--twins_dir", str(twins), "--seeds", "0,1", "--curves_only", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [table_cells(line) for line in result.stdout.splitlines()
+            if line.startswith("| ClassMix")]
+    assert [row[2:4] for row in rows] == [["teacher", "3"], ["teacher", "6"],
+                                         [paired.TWIN_TARGET, "6"]]
+    # The same untrained network for both seeds: its mIoU on the 16 unlabelled images
+    # (the 24 train images but the 8 labelled), counted here with numpy.
+    shapes = Shapes(num_train=24, height=48, width=64)
+    images, masks = shapes.arrays("train")
+    from kssl.data import splits
+
+    _, pool = splits.labelled_split(shapes.examples("train"), count=8)
+    rows_of_pool = [int(i.split("/")[1]) for i in pool.ids]
+    predicted = np.argmax(np.asarray(network(images[rows_of_pool].astype(np.float32),
+                                             training=False)), -1)
+    truth = masks[rows_of_pool]
+    valid = truth != 255
+    cm = np.bincount(truth[valid] * 7 + predicted[valid], minlength=49).reshape(7, 7)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    iou = np.diag(cm)[union > 0] / union[union > 0]
+    assert rows[2][4] == f"{100 * iou.mean():.1f} ± 0.0"
+    assert rows[2][6] == "100.0 ± 0.0"
+
+
 def test_class_changes_pair_each_class_and_read_the_predicted_shares():
     # Rows are the true classes, columns the predictions.
     # Row and column sums differ in every matrix, so a swapped axis shows.

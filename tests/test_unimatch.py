@@ -320,7 +320,7 @@ def test_step_losses_match_a_hand_computation(variant, controls):
     # One case keeps the labelled term at a supervised run's weight (not the code's halving).
     scale = 1.0 if controls == "class_aware" else 0.5
     if scale != 0.5:
-        options = dict(options, loss_scale=scale)
+        options = dict(options, total_weight=scale)
     model = UniMatch(net, NUM_CLASSES, variant=variant, confidence_threshold=tau,
                      strong_augment=False, cutmix_probability=1.0, fp_rate=0.5, seed=2,
                      **options)
@@ -448,8 +448,8 @@ def test_controls_are_off_by_default_and_bad_settings_refused():
                  thresholds="class_adaptive")
     with pytest.raises(ValueError, match="class weights"):  # none to weigh by
         FixMatch(tiny_segmenter(0), NUM_CLASSES, unsup_class_weights=True, seed=0)
-    with pytest.raises(ValueError, match="loss_scale must be > 0, got 0"):
-        UniMatch(linear_segmenter()[0], NUM_CLASSES, loss_scale=0)
+    with pytest.raises(ValueError, match="total_weight must be a number > 0, got 0"):
+        UniMatch(linear_segmenter()[0], NUM_CLASSES, total_weight=0)
 
 
 def numpy_ohem(logits, labels, threshold, min_kept):

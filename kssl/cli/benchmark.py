@@ -336,6 +336,9 @@ def twin_references(twins):
 
     from kssl import pseudo_label_monitor, training
 
+    from kssl.config import ConfigError
+    from kssl.data.readers.base import DataError
+
     subset = training.monitored_subset() if twins else None
     if subset is None:
         return None
@@ -343,7 +346,12 @@ def twin_references(twins):
     references = []
     for twin in twins:
         gin.clear_config()  # the twin's own config, nothing left from the method's
-        _, _, network = common.load_trained(twin.workdir)
+        try:
+            _, _, network = common.load_trained(twin.workdir)
+        except (ConfigError, DataError, FileNotFoundError) as error:
+            # The row is recorded by now: the curves go on without the reference.
+            print(f"kssl: no supervised twin reference in the curves: {error}", flush=True)
+            return None
         references.append(pseudo_label_monitor.score_network(
             network, images, truth, prior, reader.info.class_names))
     return references

@@ -16,15 +16,18 @@ step, gives the pseudo-labels. A UniMatch step (the released `unimatch.py`), in 
    a pixel is admitted where its confidence is >= the threshold;
 6. each strong view's targets: the weak ones, and the partner's inside its box (labels,
    admission and padding alike);
-7. loss = (L_x + 0.5 L_fp + 0.25 L_s1 + 0.25 L_s2) / 2 (`loss_scale`), where every
+7. loss = (L_x + 0.5 L_fp + 0.25 L_s1 + 0.25 L_s2) / 2 (`total_weight`), where every
    unlabelled term is sum(CE * [confidence >= threshold] * [not padding]) / count(not padding).
 
 FixMatch (`variant="fixmatch"` or the `FixMatch` class; the code's `fixmatch.py`) is the
-same without the feature-perturbed stream and with one strong view: (L_x + L_s) / 2.
+same without the feature-perturbed stream and with one strong view: (L_x + L_s) / 2
+(`total_weight` 0.5).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from typing import Optional
 
@@ -127,10 +130,10 @@ class UniMatch(SegmentationMethod):
         over the counted pixels instead of their count (see `losses.masked_cross_entropy`;
         needs `class_weights`, e.g. `supervised_loss.class_weights = 'median_frequency'`).
         Off: the code, whose unlabelled loss is unweighted whatever the labelled one.
-      loss_scale: the total is loss_scale * (L_x + L_u): 0.5, the code's average of the
-        labelled and unlabelled losses. With the same learning rate the
-        labelled term then moves the network half as far as in a supervised run; 1.0
-        keeps it at a supervised run's weight (not in the code).
+      total_weight: the loss is total_weight * (L_x + L_u): 0.5, the code's average of
+        the labelled and unlabelled losses, with which the labelled term moves the network
+        half as far as in a supervised run at the same learning rate; 1.0 keeps it at a
+        supervised run's weight (not in the code).
       seed: seeds the strong views, boxes and dropout, drawn statelessly per step and per
         global example index (so they do not depend on the number of replicas and repeat
         on resume); default: drawn from Python's `random` (`train.seed`).
@@ -148,10 +151,12 @@ class UniMatch(SegmentationMethod):
                  ohem_min_kept: int = 100000, backbone_lr_multiplier: float = 1.0,
                  thresholds: str = "fixed", distribution_alignment: bool = False,
                  class_aware_mixing: bool = False, control_decay: float = 0.99,
-                 unsup_class_weights: bool = False, loss_scale: float = 0.5,
+                 unsup_class_weights: bool = False, total_weight: float = 0.5,
                  seed: Optional[int] = None, **kwargs):
-        if not loss_scale > 0:
-            raise ValueError(f"UniMatch loss_scale must be > 0, got {loss_scale!r}")
+        if isinstance(total_weight, bool) or not isinstance(total_weight, numbers.Real) \
+                or not 0 < total_weight < math.inf:
+            raise ValueError(f"UniMatch total_weight must be a number > 0, got "
+                             f"{total_weight!r}")
         for name, value, allowed in [("variant", variant, VARIANTS),
                                      ("mix_source", mix_source, MIX_SOURCES),
                                      ("supervised_criterion", supervised_criterion,
@@ -196,7 +201,7 @@ class UniMatch(SegmentationMethod):
         self.confidence_threshold = float(confidence_threshold)
         self.strong_views = strong_views
         self.fp_weight = float(fp_weight)
-        self.loss_scale = float(loss_scale)
+        self.total_weight = float(total_weight)
         self.fp_rate = float(fp_rate)
         self.perturb_labelled = perturb_labelled
         self.mix_source = mix_source
@@ -483,7 +488,7 @@ class UniMatch(SegmentationMethod):
                 fp_loss = self.unlabelled_loss(fp_logits, labels, admitted, counted)
                 unsupervised += self.fp_weight * fp_loss
                 values["fp_loss"] = fp_loss
-            loss = self.loss_scale * (supervised + unsupervised)
+            loss = self.total_weight * (supervised + unsupervised)
         self.apply_gradients(tape, loss, self.segmenter.trainable_variables)
 
         # The code's "mask ratio": admitted share of the weak view's image pixels.
@@ -498,7 +503,8 @@ class UniMatch(SegmentationMethod):
 class FixMatch(UniMatch):
     """FixMatch as the UniMatch code trains it (`fixmatch.py`): `UniMatch` with
     variant="fixmatch", i.e. one strong view with its CutMix box and no feature-perturbed
-    stream, loss (L_x + L_s) / 2. Takes every other `UniMatch` argument."""
+    stream, loss (L_x + L_s) / 2 (`total_weight`). Takes every other `UniMatch`
+    argument."""
 
     def __init__(self, segmenter, num_classes, **kwargs):
         super().__init__(segmenter, num_classes, variant="fixmatch", **kwargs)
