@@ -126,12 +126,16 @@ class PseudoLabelMonitor(keras.callbacks.Callback):
       every_steps: measure after every this many optimizer steps (and at the end).
       directory: where the history file and the TensorBoard logs go (None: nowhere).
       batch_size: images per forward pass.
+      ids: the example ids of the subset (kept in metrics.json, so that a later scoring
+        of other networks on "the monitored images" can check it has the same ones).
     """
 
     def __init__(self, images, truth, partners, prior, class_names, every_steps: int,
-                 directory: Optional[str] = None, batch_size: int = 4, verbose: bool = True):
+                 directory: Optional[str] = None, batch_size: int = 4, verbose: bool = True,
+                 ids: Optional[List[str]] = None):
         super().__init__()
         self.images = images
+        self.ids = None if ids is None else list(ids)
         self.truth = truth
         self.partners = partners
         self.prior = np.asarray(prior, np.float64)

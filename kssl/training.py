@@ -399,6 +399,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         result["pseudo_masks"] = writer.report
     if monitor is not None and monitor.history:
         result["pseudo_label_monitor"] = monitor.history
+        result["pseudo_label_monitor_ids"] = monitor.ids
     run_files.write_json(metrics_path, result)
     # The workers leave together: a worker that exits while another still runs is
     # reported by the other as crashed.
@@ -433,13 +434,14 @@ def build_monitor(model, reader, train_split, labelled, unlabelled, unlabelled_r
     partners = np.resize(partners, images.shape)  # cycled when fewer labelled images
     return pseudo_label_monitor.PseudoLabelMonitor(
         images, truth, partners, prior, reader.info.class_names,
-        every_steps or steps_per_epoch, directory=workdir)
+        every_steps or steps_per_epoch, directory=workdir,
+        ids=pseudo_label_monitor.subset_ids(pool, count))
 
 
 def monitored_subset():
     """The pseudo-label monitor's subset under the parsed config, as `build_monitor`
-    chooses it: (reader, float images, ground-truth masks, the labelled masks' class
-    prior), or None where there is nothing to score (the monitor off, no unlabelled pool,
+    chooses it: (reader, example ids, float images, ground-truth masks, the labelled
+    masks' class prior), or None where there is nothing to score (the monitor off, no unlabelled pool,
     a separate unlabelled source, or a pool without ground truth). Reads the unscoped
     bindings: a staged method's `stage_N/` bindings of the monitor or the pipeline are
     not applied."""
@@ -458,7 +460,8 @@ def monitored_subset():
     images, truth = pseudo_label_monitor.load_subset(
         reader, pool, count, pipeline_settings()["resize"], with_masks=True)
     counts = class_balance.class_pixel_counts(reader, labelled, reader.info.num_classes)
-    return reader, images, truth, pseudo_label_monitor.labelled_prior(counts[0])
+    return (reader, pseudo_label_monitor.subset_ids(pool, count), images, truth,
+            pseudo_label_monitor.labelled_prior(counts[0]))
 
 
 def with_ground_truth(pool: Examples, reader, train_split, check: bool) -> Examples:

@@ -178,6 +178,12 @@ def test_fit_through_the_driver_runs_and_resumes_with_its_teacher(tmp_path, monk
     curve = metrics["pseudo_label_monitor"]["teacher"]
     assert [entry["step"] for entry in curve] == [1, 2]
     assert all(0.0 <= entry["mean_iou"] <= 1.0 for entry in curve)
+    # It names the images it scored: the 16 unlabelled of the 24 (every one, in order).
+    from kssl.data import splits
+    from kssl.data.readers.shapes import Shapes
+
+    _, pool = splits.labelled_split(Shapes(num_train=24).examples("train"), count=8)
+    assert metrics["pseudo_label_monitor_ids"] == list(pool.ids) and len(pool) == 16
 
 
 @pytest.mark.parametrize("bias, confident", [(10.0, True), (2.0, False)])

@@ -271,6 +271,16 @@ def test_curves_only_scores_the_twins_on_the_monitored_images(tmp_path):
     iou = np.diag(cm)[union > 0] / union[union > 0]
     assert rows[2][4] == f"{100 * iou.mean():.1f} ± 0.0"
     assert rows[2][6] == "100.0 ± 0.0"
+    # A run that names other monitored images than the config gives has no reference.
+    metrics_path = workdir / "seed_1" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["pseudo_label_monitor_ids"] = list(pool.ids)[1:]
+    metrics_path.write_text(json.dumps(metrics))
+    result = run_tool("benchmark", "--config", str(cfg), "--workdir", str(workdir),
+                      "--twins_dir", str(twins), "--seeds", "0,1", "--curves_only", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "monitored other images than this config's monitor would" in result.stdout
+    assert paired.TWIN_TARGET not in result.stdout.split("curves, mean over seeds", 1)[1]
 
 
 def test_class_changes_pair_each_class_and_read_the_predicted_shares():

@@ -195,7 +195,7 @@ def test_the_monitored_subset_is_the_one_training_scores(tmp_path):
                    "pseudo_label_monitor.images = 4\n")
     config.parse([str(cfg)])
     try:
-        reader, images, truth, prior = training.monitored_subset()
+        reader, ids, images, truth, prior = training.monitored_subset()
     finally:
         gin.clear_config()
     shapes = Shapes(num_train=24, height=48, width=64)
@@ -203,6 +203,7 @@ def test_the_monitored_subset_is_the_one_training_scores(tmp_path):
     labelled, pool = splits.labelled_split(examples, count=8)
     every = len(pool) // 4  # 16 unlabelled images, 4 of them, every 4th
     chosen = [int(i.split("/")[1]) for i in pool.ids[::every][:4]]
+    assert ids == list(pool.ids[::every][:4])
     all_images, all_masks = shapes.arrays("train")
     np.testing.assert_array_equal(images, all_images[chosen].astype(np.float32))
     np.testing.assert_array_equal(truth, all_masks[chosen])

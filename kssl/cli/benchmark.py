@@ -311,7 +311,7 @@ def record_curves(label: str, table: str, result) -> None:
 
     references = None
     if all(run.metrics.get("pseudo_label_monitor") for run in result.runs):
-        references = twin_references(result.twins)
+        references = twin_references(result.twins, result.runs)
     if references:
         result = paired.with_twin_reference(result, references)
     rows = paired.curve_rows(label, result)
@@ -328,10 +328,11 @@ def record_curves(label: str, table: str, result) -> None:
               f"{FLAGS.record}")
 
 
-def twin_references(twins):
+def twin_references(twins, runs):
     """Each twin's monitor scores on the images the method's monitor scored
-    (`pseudo_label_monitor.score_network`), or None (no twins, or nothing monitored with
-    ground truth). Reads the method's parsed config first, then each twin's own."""
+    (`pseudo_label_monitor.score_network`), or None (no twins, nothing monitored with
+    ground truth, or a run whose metrics.json names other monitored images than the
+    parsed config gives). Reads the method's parsed config first, then each twin's."""
     import gin
 
     from kssl import pseudo_label_monitor, training
@@ -342,7 +343,14 @@ def twin_references(twins):
     subset = training.monitored_subset() if twins else None
     if subset is None:
         return None
-    reader, images, truth, prior = subset
+    reader, ids, images, truth, prior = subset
+    for run in runs:  # runs trained before the ids were kept have none to compare
+        recorded = run.metrics.get("pseudo_label_monitor_ids")
+        if recorded is not None and list(recorded) != ids:
+            print(f"kssl: no supervised twin reference in the curves: {run.workdir} "
+                  "monitored other images than this config's monitor would (another "
+                  "pool, count or split?)", flush=True)
+            return None
     references = []
     for twin in twins:
         gin.clear_config()  # the twin's own config, nothing left from the method's
