@@ -441,10 +441,10 @@ def build_monitor(model, reader, train_split, labelled, unlabelled, unlabelled_r
 def monitored_subset():
     """The pseudo-label monitor's subset under the parsed config, as `build_monitor`
     chooses it: (reader, example ids, float images, ground-truth masks, the labelled
-    masks' class prior), or None where there is nothing to score (the monitor off, no unlabelled pool,
-    a separate unlabelled source, or a pool without ground truth). Reads the unscoped
-    bindings: a staged method's `stage_N/` bindings of the monitor or the pipeline are
-    not applied."""
+    masks' class prior), or None where there is nothing to score (the monitor off, no
+    unlabelled pool, a separate unlabelled source, or a pool without ground truth). Reads
+    the unscoped bindings: a staged method's `stage_N/` bindings of the monitor or the
+    pipeline are not applied."""
     reader, train_split, _ = kssl_config.call_configured(dataset_setup)
     count, _ = monitor_settings()
     _, extra = unlabelled_source()

@@ -336,7 +336,6 @@ def twin_references(twins, runs):
     import gin
 
     from kssl import pseudo_label_monitor, training
-
     from kssl.config import ConfigError
     from kssl.data.readers.base import DataError
 
