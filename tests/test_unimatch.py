@@ -405,6 +405,46 @@ def test_pseudo_label_targets_for_the_monitor():
     np.testing.assert_array_equal(admitted.numpy(), probs.max(-1) >= np.float32(tau))
 
 
+class ModeRecorder(keras.layers.Layer):
+    """An identity block that records (training, batch size) of every call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def call(self, x, training=None):
+        self.calls.append((bool(training), int(x.shape[0])))
+        return x
+
+
+@pytest.mark.parametrize("variant, mix_source", [("unimatch", "second_batch"),
+                                                 ("fixmatch", "second_batch"),
+                                                 ("unimatch", "batch")])
+def test_each_pass_runs_in_the_released_codes_network_mode(variant, mix_source):
+    """The released code predicts the mix partners in eval mode (moving batch-norm
+    statistics, dropout off), then [labelled; weak] in one training-mode pass and the
+    strong views together in another: the encoder sees exactly these three calls."""
+    net, kernel, bias = linear_segmenter()
+    recorder = ModeRecorder()
+    net = Segmenter(keras.layers.Identity(), [Block("stem", recorder, 1, 3)],
+                    LinearHead(kernel, bias))
+    rng = np.random.default_rng(5)
+    labelled = {"image": rng.uniform(0, 255, (3, 6, 7, 3)).astype(np.float32),
+                "mask": rng.integers(0, NUM_CLASSES, (3, 6, 7)).astype(np.int32)}
+    views = 2 if mix_source == "second_batch" else 1
+    unlabelled = {"image": rng.uniform(0, 255, (2 * views, 6, 7, 3)).astype(np.float32),
+                  "padding": np.zeros((2 * views, 6, 7), np.int32)}
+    model = UniMatch(net, NUM_CLASSES, variant=variant, mix_source=mix_source,
+                     strong_augment=False, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    recorder.calls.clear()
+    eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])
+    strong = 2 if variant == "unimatch" else 1
+    want = [(False, 2)] if mix_source == "second_batch" else []
+    want += [(True, 3 + 2), (True, strong * 2)]
+    assert recorder.calls == want
+
+
 def test_pseudo_label_targets_read_the_stored_controls_without_updating_them():
     net, kernel, bias = linear_segmenter()
     model = FixMatch(net, NUM_CLASSES, confidence_threshold=0.8, seed=0, **CONTROLS)
