@@ -106,6 +106,12 @@ def format_line(step: int, name: str, scores: dict) -> str:
     parts.append(f"admitted {100 * scores['admitted_share']:.1f}%")
     if scores["admitted_accuracy"] is not None:
         parts.append(f"(accuracy {100 * scores['admitted_accuracy']:.1f})")
+    if not scores["admitted_share"]:
+        # No admitted pixel: their class shares, and what they gain or lose against the
+        # prior, are not defined.
+        parts.append(f"| KL to the labelled prior: none admitted; "
+                     f"{scores['prediction_kl_to_prior']:.3f} all pixels")
+        return " ".join(parts)
     gained, lost = scores["most_gained"], scores["most_lost"]
     parts.append(f"| KL to the labelled prior {scores['kl_to_prior']:.3f} admitted: "
                  f"{gained[0]} {gained[1]:+.1f} pts, {lost[0]} {lost[1]:+.1f} pts; "

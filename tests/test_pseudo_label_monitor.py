@@ -52,6 +52,20 @@ def test_without_ground_truth_only_the_distribution_is_scored():
     assert scores["class_share"]["a"] == 1.0
 
 
+def test_progress_line_says_when_nothing_is_admitted():
+    labels = np.array([[[0, 0, 1], [2, 2, 2]]])
+    prior = np.array([0.5, 0.25, 0.25])
+    some = monitor.score_targets(labels, labels > 0, labels, prior, NAMES)
+    line = monitor.format_line(250, "network", some)
+    # Admitted labels 1, 2, 2, 2: c gains 75 - 25 = 50 points, a loses 50.
+    assert "admitted 66.7% (accuracy 100.0)" in line and "c +50.0 pts, a -50.0 pts" in line
+    none = monitor.score_targets(labels, np.zeros(labels.shape, bool), labels, prior, NAMES)
+    line = monitor.format_line(250, "network", none)
+    assert "admitted 0.0% | KL to the labelled prior: none admitted;" in line
+    assert "pts" not in line and line.endswith(
+        f"{none['prediction_kl_to_prior']:.3f} all pixels")
+
+
 class FakeMethod(keras.Model):
     """Labels every pixel with the optimizer's step count modulo 3."""
 
