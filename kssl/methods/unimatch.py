@@ -133,7 +133,8 @@ class UniMatch(SegmentationMethod):
       total_weight: the loss is total_weight * (L_x + L_u): 0.5, the code's average of
         the labelled and unlabelled losses, with which the labelled term moves the network
         half as far as in a supervised run at the same learning rate; 1.0 keeps it at a
-        supervised run's weight (not in the code).
+        supervised run's weight, and doubles the unlabelled terms with it (not in the
+        code).
       seed: seeds the strong views, boxes and dropout, drawn statelessly per step and per
         global example index (so they do not depend on the number of replicas and repeat
         on resume); default: drawn from Python's `random` (`train.seed`).
