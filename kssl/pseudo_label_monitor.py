@@ -106,15 +106,15 @@ def format_line(step: int, name: str, scores: dict) -> str:
     parts.append(f"admitted {100 * scores['admitted_share']:.1f}%")
     if scores["admitted_accuracy"] is not None:
         parts.append(f"(accuracy {100 * scores['admitted_accuracy']:.1f})")
-    if not scores["admitted_share"]:
+    if scores["admitted_share"]:
+        gained, lost = scores["most_gained"], scores["most_lost"]
+        admitted = (f" {scores['kl_to_prior']:.3f} admitted: {gained[0]} {gained[1]:+.1f} "
+                    f"pts, {lost[0]} {lost[1]:+.1f} pts")
+    else:
         # No admitted pixel: their class shares, and what they gain or lose against the
         # prior, are not defined.
-        parts.append(f"| KL to the labelled prior: none admitted; "
-                     f"{scores['prediction_kl_to_prior']:.3f} all pixels")
-        return " ".join(parts)
-    gained, lost = scores["most_gained"], scores["most_lost"]
-    parts.append(f"| KL to the labelled prior {scores['kl_to_prior']:.3f} admitted: "
-                 f"{gained[0]} {gained[1]:+.1f} pts, {lost[0]} {lost[1]:+.1f} pts; "
+        admitted = ": none admitted"
+    parts.append(f"| KL to the labelled prior{admitted}; "
                  f"{scores['prediction_kl_to_prior']:.3f} all pixels")
     return " ".join(parts)
 

@@ -424,7 +424,7 @@ def test_each_pass_runs_in_the_released_codes_network_mode(variant, mix_source):
     """The released code predicts the mix partners in eval mode (moving batch-norm
     statistics, dropout off), then [labelled; weak] in one training-mode pass and the
     strong views together in another: the encoder sees exactly these three calls."""
-    net, kernel, bias = linear_segmenter()
+    _, kernel, bias = linear_segmenter()
     recorder = ModeRecorder()
     net = Segmenter(keras.layers.Identity(), [Block("stem", recorder, 1, 3)],
                     LinearHead(kernel, bias))
