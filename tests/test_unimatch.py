@@ -417,13 +417,16 @@ class ModeRecorder(keras.layers.Layer):
         return x
 
 
-@pytest.mark.parametrize("variant, mix_source", [("unimatch", "second_batch"),
-                                                 ("fixmatch", "second_batch"),
-                                                 ("unimatch", "batch")])
-def test_each_pass_runs_in_the_released_codes_network_mode(variant, mix_source):
+@pytest.mark.parametrize("variant, mix_source, joint", [("unimatch", "second_batch", True),
+                                                        ("fixmatch", "second_batch", True),
+                                                        ("unimatch", "batch", True),
+                                                        ("unimatch", "second_batch", False),
+                                                        ("fixmatch", "batch", False)])
+def test_each_pass_runs_in_the_released_codes_network_mode(variant, mix_source, joint):
     """The released code predicts the mix partners in eval mode (moving batch-norm
     statistics, dropout off), then [labelled; weak] in one training-mode pass and the
-    strong views together in another: the encoder sees exactly these three calls."""
+    strong views together in another: the encoder sees exactly these three calls.
+    Without `joint_batch_norm`, labelled and weak images have a training-mode pass each."""
     _, kernel, bias = linear_segmenter()
     recorder = ModeRecorder()
     net = Segmenter(keras.layers.Identity(), [Block("stem", recorder, 1, 3)],
@@ -435,14 +438,54 @@ def test_each_pass_runs_in_the_released_codes_network_mode(variant, mix_source):
     unlabelled = {"image": rng.uniform(0, 255, (2 * views, 6, 7, 3)).astype(np.float32),
                   "padding": np.zeros((2 * views, 6, 7), np.int32)}
     model = UniMatch(net, NUM_CLASSES, variant=variant, mix_source=mix_source,
-                     strong_augment=False, seed=0)
+                     joint_batch_norm=joint, strong_augment=False, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     recorder.calls.clear()
     eager_steps(tf.distribute.get_strategy(), model, [(labelled, unlabelled)])
     strong = 2 if variant == "unimatch" else 1
     want = [(False, 2)] if mix_source == "second_batch" else []
-    want += [(True, 3 + 2), (True, strong * 2)]
+    want += [(True, 3 + 2)] if joint else [(True, 3), (True, 2)]
+    want += [(True, strong * 2)]
     assert recorder.calls == want
+
+
+@pytest.mark.parametrize("variant, perturb_labelled", [("fixmatch", True),
+                                                       ("unimatch", True),
+                                                       ("unimatch", False)])
+def test_separate_batch_norm_keeps_labelled_and_weak_logits_apart(variant, perturb_labelled):
+    """With batch norm (training mode) in encoder and decoder, the joint pass makes the
+    labelled logits depend on the weak images; with `joint_batch_norm=False` neither
+    group's logits (clean or perturbed) move when the other group's images change, and
+    the labelled ones are the network's own training-mode pass over them (FixMatch)."""
+    keras.utils.set_random_seed(0)
+    net = models.build_segmenter("deeplabv3plus", "small", num_classes=NUM_CLASSES,
+                                 aspp_channels=8, low_level_channels=4, decoder_channels=8,
+                                 dropout=0.0)
+    rng = np.random.default_rng(8)
+    labelled, other_labelled = rng.uniform(0, 255, (2, 3, 32, 32, 3)).astype(np.float32)
+    weak, other_weak = rng.uniform(0, 255, (2, 4, 32, 32, 3)).astype(np.float32)
+
+    def passes(joint, x, u):
+        model = UniMatch(net, NUM_CLASSES, variant=variant, perturb_labelled=perturb_labelled,
+                         joint_batch_norm=joint, seed=0)
+        return [None if t is None else t.numpy() for t in model.weak_pass(x, u, 0)]
+
+    x, w, fp = passes(False, labelled, weak)
+    x_other_weak, w_same, fp_same = passes(False, labelled, other_weak)
+    _, w_other_labelled, fp_other_labelled = passes(False, other_labelled, weak)
+    np.testing.assert_allclose(x_other_weak, x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(w_other_labelled, w, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(w_same, w, atol=1e-3)
+    joint_x, _, _ = passes(True, labelled, weak)
+    joint_x_other_weak, _, _ = passes(True, labelled, other_weak)
+    assert not np.allclose(joint_x_other_weak, joint_x, atol=1e-3)
+    if variant == "fixmatch":
+        assert fp is None
+        np.testing.assert_allclose(x, net(labelled, training=True).numpy(), rtol=1e-4,
+                                   atol=1e-5)
+    else:
+        np.testing.assert_allclose(fp_other_labelled, fp, rtol=1e-4, atol=1e-5)
+        assert fp.shape == w.shape and not np.allclose(fp, w, atol=1e-3)
 
 
 def test_pseudo_label_targets_read_the_stored_controls_without_updating_them():
@@ -602,11 +645,12 @@ def replica_data():
     {"variant": "fixmatch", "mix_source": "batch", "supervised_criterion": "ohem",
      "ohem_min_kept": 100},
     {**CONTROLS, "class_aware_mixing": True, "class_weights": [0.5, 1.0, 3.0],
-     "unsup_class_weights": True}],
-    ids=["fixmatch_batch_ohem", "unimatch_controls_class_aware_weighted"])
+     "unsup_class_weights": True, "joint_batch_norm": False}],
+    ids=["fixmatch_batch_ohem", "unimatch_controls_class_aware_weighted_separate_norm"])
 def test_two_steps_same_on_one_and_two_replicas(two_replicas, tmp_path, options):
     """The released UniMatch step with every control on (the plain step runs the same
-    operations less the controls), and FixMatch's other paths. Also the controls' state:
+    operations less the controls) and a pass per group (labelled, weak) for batch
+    norm, and FixMatch's other paths. Also the controls' state:
     from the global batch's counted pixels (the padded rows fall on the second replica),
     the same copy on each replica, saved and restored; the class-aware boxes, drawn per
     global example from that state; the class-weighted unlabelled terms, normalised by

@@ -68,6 +68,10 @@ class UniMatch(SegmentationMethod):
     - The feature-perturbed pass also runs the labelled features through the decoder (their
       perturbed logits are discarded, but they enter the decoder's batch statistics), as
       the code (`perturb_labelled=True`); the paper perturbs unlabelled features only.
+    - The code runs [labelled; weak] through the network in one training-mode pass, so
+      batch norm normalises the labelled images with statistics shared with the
+      unlabelled ones (`joint_batch_norm=True`); the paper does not say. With False each
+      group has its own pass and its own batch statistics.
     - Cityscapes trains the labelled loss with OHEM and threshold 0 in the code
       (`supervised_criterion="ohem"`, `confidence_threshold=0.0`; the Cityscapes config).
 
@@ -85,6 +89,11 @@ class UniMatch(SegmentationMethod):
       fp_rate: the channel dropout probability of the perturbed pass (0.5).
       perturb_labelled: whether the perturbed pass includes the labelled features (code).
       mix_source: "second_batch" (code) or "batch" (the paper's), see above.
+      joint_batch_norm: True (code): labelled and weak images share one training-mode
+        pass and its batch statistics, in the encoder and (with the feature-perturbed
+        pass) in the decoder; False: one pass per group, labelled rows (and their
+        perturbed copies) apart from unlabelled rows (and theirs). Either way the moving
+        statistics follow every training-mode pass, the strong views' included.
       strong_augment: True (`ColorJitterGrayscaleBlur()`, the code's), False (CutMix
         alone), or a callable `(images, seed) -> images`.
       cutmix_probability, cutmix_area, cutmix_ratio: the box (see
@@ -146,6 +155,7 @@ class UniMatch(SegmentationMethod):
                  confidence_threshold: float = 0.95, strong_views: Optional[int] = None,
                  fp_weight: Optional[float] = None, fp_rate: float = 0.5,
                  perturb_labelled: bool = True, mix_source: str = "second_batch",
+                 joint_batch_norm: bool = True,
                  strong_augment=True, cutmix_probability: float = 0.5,
                  cutmix_area=(0.02, 0.4), cutmix_ratio=(0.3, 1 / 0.3),
                  supervised_criterion: str = "cross_entropy", ohem_threshold: float = 0.7,
@@ -206,6 +216,7 @@ class UniMatch(SegmentationMethod):
         self.fp_rate = float(fp_rate)
         self.perturb_labelled = perturb_labelled
         self.mix_source = mix_source
+        self.joint_batch_norm = bool(joint_batch_norm)
         if strong_augment is True:
             strong_augment = ColorJitterGrayscaleBlur()
         self.strong_augment = strong_augment or None
@@ -390,21 +401,59 @@ class UniMatch(SegmentationMethod):
         return out
 
     def weak_pass(self, labelled_images, weak_images, step):
-        """(labelled logits, weak logits, perturbed weak logits or None) of one
-        training-mode pass over [labelled; weak] images."""
-        images = tf.concat([labelled_images, weak_images], axis=0)
+        """(labelled logits, weak logits, perturbed weak logits or None) of the
+        training-mode pass over [labelled; weak] images: one pass, or one per group
+        without `joint_batch_norm`."""
         labelled_count = tf.shape(labelled_images)[0]
-        total = tf.shape(images)[0]
-        if not self.feature_perturbation:
-            logits = tf.cast(self.segmenter(images, training=True), tf.float32)
-            return logits[:labelled_count], logits[labelled_count:], None
-        features = self.segmenter.features(images, training=True)
-        logits = self.segmenter.logits_from_features(
-            self.perturbed_features(features, labelled_count, step), tf.shape(images)[1:3],
-            training=True)
         weak_count = tf.shape(weak_images)[0]
+        if not self.feature_perturbation:
+            if not self.joint_batch_norm:
+                return (tf.cast(self.segmenter(labelled_images, training=True), tf.float32),
+                        tf.cast(self.segmenter(weak_images, training=True), tf.float32),
+                        None)
+            logits = tf.cast(self.segmenter(tf.concat([labelled_images, weak_images], 0),
+                                            training=True), tf.float32)
+            return logits[:labelled_count], logits[labelled_count:], None
+        size = tf.shape(labelled_images)[1:3]
+        if self.joint_batch_norm:
+            features = self.segmenter.features(
+                tf.concat([labelled_images, weak_images], 0), training=True)
+        else:
+            labelled_features = self.segmenter.features(labelled_images, training=True)
+            weak_features = self.segmenter.features(weak_images, training=True)
+            features = {name: tf.concat([labelled_features[name], weak_features[name]], 0)
+                        for name in self.segmenter.head_input_blocks}
+        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak.
+        decoder_inputs = self.perturbed_features(features, labelled_count, step)
+        if self.joint_batch_norm:
+            logits = self.segmenter.logits_from_features(decoder_inputs, size, training=True)
+        else:
+            logits = self.decode_by_group(decoder_inputs, labelled_count, weak_count, size)
+        total = labelled_count + weak_count
         return (logits[:labelled_count], logits[labelled_count:total],
                 logits[tf.shape(logits)[0] - weak_count:])
+
+    def decode_by_group(self, decoder_inputs, labelled_count, weak_count, size):
+        """The decoder run once on the labelled rows of `decoder_inputs` (clean and, with
+        `perturb_labelled`, perturbed) and once on the unlabelled rows, so that they do
+        not share batch statistics; logits returned in the rows' order."""
+        total = labelled_count + weak_count
+        labelled_rows = tf.range(labelled_count)
+        if self.perturb_labelled:
+            labelled_rows = tf.concat([labelled_rows, tf.range(total, total + labelled_count)],
+                                      0)
+        rows = tf.shape(next(iter(decoder_inputs.values())))[0]
+        is_labelled = tf.scatter_nd(labelled_rows[:, None],
+                                    tf.ones_like(labelled_rows, tf.bool), [rows])
+        weak_rows = tf.where(~is_labelled)[:, 0]
+        weak_rows = tf.cast(weak_rows, labelled_rows.dtype)
+        group_logits = [
+            self.segmenter.logits_from_features(
+                {name: tf.gather(value, group) for name, value in decoder_inputs.items()},
+                size, training=True)
+            for group in (labelled_rows, weak_rows)]
+        order = tf.concat([labelled_rows, weak_rows], 0)
+        return tf.gather(tf.concat(group_logits, 0), tf.math.invert_permutation(order))
 
     def labelled_loss(self, logits, masks):
         """Cross-entropy over the labelled pixels, or its OHEM version."""
