@@ -45,6 +45,17 @@ def test_train_evaluate_export_predict(tmp_path, config_file):
     assert scored["mean_iou"] == pytest.approx(metrics["mean_iou"], abs=1e-6)
     assert scored["mode"] == metrics["mode"] and "40x56" in scored["mode"]
 
+    # Recomputed batch-norm statistics score into their own file; the weights stay.
+    weights = open(os.path.join(workdir, "model.weights.h5"), "rb").read()
+    result = run_tool("evaluate", "--workdir", workdir, "--split", "val",
+                      "--recompute_batch_norm", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recomputed from 2 batches" in result.stdout
+    recomputed = json.load(open(os.path.join(workdir, "eval_val_recomputed_bn.json")))
+    assert 0.0 <= recomputed["mean_iou"] <= 1.0
+    assert json.load(open(os.path.join(workdir, "eval_val.json"))) == scored
+    assert open(os.path.join(workdir, "model.weights.h5"), "rb").read() == weights
+
     # A copy of the run makes the same decisions, with the accuracy evaluate found.
     twin = str(tmp_path / "twin")
     shutil.copytree(workdir, twin)
