@@ -437,16 +437,15 @@ class UniMatch(SegmentationMethod):
         """The decoder run once on the labelled rows of `decoder_inputs` (clean and, with
         `perturb_labelled`, perturbed) and once on the unlabelled rows, so that they do
         not share batch statistics; logits returned in the rows' order."""
+        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak.
         total = labelled_count + weak_count
+        perturbed_weak_start = total + labelled_count if self.perturb_labelled else total
         labelled_rows = tf.range(labelled_count)
         if self.perturb_labelled:
-            labelled_rows = tf.concat([labelled_rows, tf.range(total, total + labelled_count)],
-                                      0)
-        rows = tf.shape(next(iter(decoder_inputs.values())))[0]
-        is_labelled = tf.scatter_nd(labelled_rows[:, None],
-                                    tf.ones_like(labelled_rows, tf.bool), [rows])
-        weak_rows = tf.where(~is_labelled)[:, 0]
-        weak_rows = tf.cast(weak_rows, labelled_rows.dtype)
+            labelled_rows = tf.concat([labelled_rows, tf.range(total, perturbed_weak_start)], 0)
+        weak_rows = tf.concat([tf.range(labelled_count, total),
+                               tf.range(perturbed_weak_start, perturbed_weak_start + weak_count)],
+                              0)
         group_logits = [
             self.segmenter.logits_from_features(
                 {name: tf.gather(value, group) for name, value in decoder_inputs.items()},
