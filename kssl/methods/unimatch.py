@@ -437,22 +437,24 @@ class UniMatch(SegmentationMethod):
         """The decoder run once on the labelled rows of `decoder_inputs` (clean and, with
         `perturb_labelled`, perturbed) and once on the unlabelled rows, so that they do
         not share batch statistics; logits returned in the rows' order."""
-        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak.
+        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak. Slices
+        # rather than a gather: their gradients are pads, not scatters.
         total = labelled_count + weak_count
-        perturbed_weak_start = total + labelled_count if self.perturb_labelled else total
-        labelled_rows = tf.range(labelled_count)
-        if self.perturb_labelled:
-            labelled_rows = tf.concat([labelled_rows, tf.range(total, perturbed_weak_start)], 0)
-        weak_rows = tf.concat([tf.range(labelled_count, total),
-                               tf.range(perturbed_weak_start, perturbed_weak_start + weak_count)],
-                              0)
-        group_logits = [
+        perturbed_labelled_count = labelled_count if self.perturb_labelled else 0
+        perturbed_weak_start = total + perturbed_labelled_count
+
+        def rows(value):
+            labelled = tf.concat([value[:labelled_count], value[total:perturbed_weak_start]], 0)
+            weak = tf.concat([value[labelled_count:total], value[perturbed_weak_start:]], 0)
+            return labelled, weak
+
+        grouped = {name: rows(value) for name, value in decoder_inputs.items()}
+        labelled_logits, weak_logits = (
             self.segmenter.logits_from_features(
-                {name: tf.gather(value, group) for name, value in decoder_inputs.items()},
-                size, training=True)
-            for group in (labelled_rows, weak_rows)]
-        order = tf.concat([labelled_rows, weak_rows], 0)
-        return tf.gather(tf.concat(group_logits, 0), tf.math.invert_permutation(order))
+                {name: pair[group] for name, pair in grouped.items()}, size, training=True)
+            for group in (0, 1))
+        return tf.concat([labelled_logits[:labelled_count], weak_logits[:weak_count],
+                          labelled_logits[labelled_count:], weak_logits[weak_count:]], 0)
 
     def labelled_loss(self, logits, masks):
         """Cross-entropy over the labelled pixels, or its OHEM version."""
