@@ -437,22 +437,19 @@ class UniMatch(SegmentationMethod):
         """The decoder run once on the labelled rows of `decoder_inputs` (clean and, with
         `perturb_labelled`, perturbed) and once on the unlabelled rows, so that they do
         not share batch statistics; logits returned in the rows' order."""
-        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak. Slices
-        # rather than a gather: their gradients are pads, not scatters.
+        # Rows: clean labelled, clean weak, [perturbed labelled,] perturbed weak. The
+        # layout is fixed, so each group is two slices.
         total = labelled_count + weak_count
-        perturbed_labelled_count = labelled_count if self.perturb_labelled else 0
-        perturbed_weak_start = total + perturbed_labelled_count
-
-        def rows(value):
-            labelled = tf.concat([value[:labelled_count], value[total:perturbed_weak_start]], 0)
-            weak = tf.concat([value[labelled_count:total], value[perturbed_weak_start:]], 0)
-            return labelled, weak
-
-        grouped = {name: rows(value) for name, value in decoder_inputs.items()}
-        labelled_logits, weak_logits = (
-            self.segmenter.logits_from_features(
-                {name: pair[group] for name, pair in grouped.items()}, size, training=True)
-            for group in (0, 1))
+        perturbed_weak_start = total + (labelled_count if self.perturb_labelled else 0)
+        labelled_inputs, weak_inputs = {}, {}
+        for name, value in decoder_inputs.items():
+            labelled_inputs[name] = tf.concat(
+                [value[:labelled_count], value[total:perturbed_weak_start]], 0)
+            weak_inputs[name] = tf.concat(
+                [value[labelled_count:total], value[perturbed_weak_start:]], 0)
+        labelled_logits = self.segmenter.logits_from_features(labelled_inputs, size,
+                                                              training=True)
+        weak_logits = self.segmenter.logits_from_features(weak_inputs, size, training=True)
         return tf.concat([labelled_logits[:labelled_count], weak_logits[:weak_count],
                           labelled_logits[labelled_count:], weak_logits[weak_count:]], 0)
 
