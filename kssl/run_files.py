@@ -15,12 +15,18 @@ file and metadata from different saves are never taken for one backup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs there are not guarded against a second process
+    fcntl = None
 
 import h5py
 import numpy as np
@@ -313,3 +319,44 @@ def foreign_files(workdir: str, relative: str = "") -> List[str]:
 
     foreign.extend(_foreign_below(workdir, relative, top))
     return sorted(foreign)
+
+
+# -- one process at a time ----------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive_use(workdir: str) -> Iterator[None]:
+    """Holds run directory `workdir` (created if missing) for this process while it trains
+    there: a second process (a run started again while the first still trains, or a
+    training process left behind by a stopped parent) fails at once instead of writing the
+    same checkpoints. An advisory lock (`flock`) on the folder itself, so no file is added
+    to it, which the operating system releases when the holder exits or is killed: a crash
+    never leaves a stale lock. Where the filesystem cannot lock a folder (some network
+    filesystems), the run goes on unguarded."""
+    os.makedirs(workdir, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    folder = os.open(workdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{workdir}: another process is training in this folder (the same run "
+                "started twice, or a training process left running by a stopped "
+                "bin/benchmark); wait for it or stop it, or pass another --workdir") from None
+        except OSError:
+            pass  # no folder locks here
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def clear_run_directory(workdir: str) -> None:
+    """Deletes everything in `workdir` but keeps the folder, whose lock the process
+    clearing it holds (a new folder would let a second process lock it)."""
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)

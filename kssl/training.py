@@ -101,7 +101,8 @@ def completed_epochs(workdir: str) -> int:
 
 
 def remove_run(workdir: str) -> None:
-    """Deletes an earlier run, refusing, with the culprits named, a folder that holds
+    """Deletes an earlier run (the folder's content: the folder stays, locked by the run
+    about to train in it), refusing, with the culprits named, a folder that holds
     anything kssl did not write (see `run_files.foreign_files`)."""
     if not os.path.isdir(workdir):
         return
@@ -111,7 +112,7 @@ def remove_run(workdir: str) -> None:
         raise kssl_config.ConfigError(
             f"--overwrite refuses to clear {workdir}: it holds files kssl did not write "
             f"({', '.join(foreign[:5])}{more}); move them away first")
-    shutil.rmtree(workdir)
+    run_files.clear_run_directory(workdir)
 
 
 def check_no_foreign_metrics(workdir: str) -> None:
@@ -282,23 +283,43 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
     """
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any operation.
     dist = choose_strategy(strategy)
-    if stage is None:  # every configured value, every stage's included, before any data
-        check_run(workdir, train, method.stages)
+    settings = dict(steps=steps, steps_per_epoch=steps_per_epoch,
+                    mixed_precision=mixed_precision, jit_compile=jit_compile, seed=seed,
+                    eval_every_epochs=eval_every_epochs, overwrite=overwrite, verbose=verbose)
+    if stage is not None:  # one stage of a staged run: the run's own call holds the folder
+        return _train_one(workdir, None, dist, method, stage, pseudo_masks, **settings)
+    check_run(workdir, train, method.stages)  # every stage's values, before any data
+    if method.stages == 1:
+        check_whole_epochs(steps, steps_per_epoch)
     chief_workdir = None
-    if stage is None and not is_chief(dist):
+    if not is_chief(dist):
         # Only the chief's files are the run's: this worker runs the same code (saves
         # included) on a scratch copy that is deleted at the end (see worker_scratch_dir).
         chief_workdir, workdir = workdir, worker_scratch_dir(
             workdir, dist.cluster_resolver.task_type, dist.cluster_resolver.task_id)
-    if method.stages > 1 and stage is None:
-        return _worker_done(chief_workdir, workdir, train_stages(
-            workdir, method, overwrite=overwrite, start_stage=start_stage,
-            chief_workdir=chief_workdir))
-    metrics_path = os.path.join(workdir, "metrics.json")
+    with run_files.exclusive_use(workdir):
+        if method.stages > 1:
+            return _worker_done(chief_workdir, workdir, train_stages(
+                workdir, method, overwrite=overwrite, start_stage=start_stage,
+                chief_workdir=chief_workdir))
+        return _train_one(workdir, chief_workdir, dist, method, None, None, **settings)
+
+
+def check_whole_epochs(steps, steps_per_epoch) -> None:
+    """ConfigError unless the steps fill whole epochs (a resume restarts at an epoch)."""
     if steps % steps_per_epoch:
         raise kssl_config.ConfigError(
             f"train.steps ({steps}) must be a multiple of train.steps_per_epoch "
             f"({steps_per_epoch})")
+
+
+def _train_one(workdir, chief_workdir, dist, method, stage, pseudo_masks, *, steps,
+               steps_per_epoch, mixed_precision, jit_compile, seed, eval_every_epochs,
+               overwrite, verbose):
+    """`train`'s run (or one stage of a staged run) in `workdir`, once the strategy exists
+    and the folder is this process's; `chief_workdir` is set on a non-chief worker."""
+    metrics_path = os.path.join(workdir, "metrics.json")
+    check_whole_epochs(steps, steps_per_epoch)
     if overwrite:
         remove_run(workdir)
     # Every worker follows the chief's run: whether it has finished and how far it got

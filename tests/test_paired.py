@@ -3,6 +3,10 @@ recorded row, and bin/benchmark --seeds reusing finished seeds."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -331,3 +335,31 @@ def test_the_twins_own_predictions_join_the_curves_at_the_last_step():
                                          [references[0], None])
     assert [table_cells(row)[2] for row in paired.curve_rows("ClassMix", partial)] == \
         ["teacher", "teacher"]
+
+
+def test_a_stopped_benchmark_stops_the_training_process_it_waits_for(tmp_path):
+    """SIGTERM to bin/benchmark kills the seed's training process too, rather than
+    leaving it to train on beside the next bin/benchmark."""
+    pid_file = tmp_path / "child.pid"
+    child_code = ("import os, sys, time\n"
+                  "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+                  "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+                  "time.sleep(120)\n")
+    parent_code = ("import subprocess, sys\n"
+                   "from kssl.cli.benchmark import stop_children_on_sigterm\n"
+                   "stop_children_on_sigterm()\n"
+                   f"subprocess.run([sys.executable, '-c', {child_code!r}, sys.argv[1]])\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        parent.kill()
+        parent.wait()
+    with pytest.raises(ProcessLookupError):  # killed, and reaped by its parent
+        os.kill(child, 0)

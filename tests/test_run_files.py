@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import gin
 import h5py
@@ -77,7 +79,7 @@ def test_overwrite_clears_a_folder_of_kssl_files_only(tmp_path):
     fake_run(run)
     assert run_files.foreign_files(run) == []
     training.remove_run(run)
-    assert not os.path.exists(run)
+    assert os.listdir(run) == []  # the folder stays: the run about to train holds it
 
 
 def test_a_users_own_metrics_json_is_neither_a_finished_run_nor_cleared(tmp_path):
@@ -92,6 +94,40 @@ def test_a_users_own_metrics_json_is_neither_a_finished_run_nor_cleared(tmp_path
         training.train(str(folder), overwrite=True)
     assert (folder / "metrics.json").read_text() == '{"accuracy": 0.9}'
     assert os.listdir(folder) == ["metrics.json"]
+
+
+# -- one training process per run folder ------------------------------------------------
+def test_a_second_run_in_a_folder_in_use_fails_before_writing(tmp_path):
+    run = str(tmp_path / "run")
+    config.parse([], [RESUME_CONFIG])
+    with run_files.exclusive_use(run):
+        for overwrite in (False, True):
+            with pytest.raises(config.ConfigError, match="another process is training") as caught:
+                training.train(run, overwrite=overwrite)
+            line = str(caught.value).splitlines()[0]  # below it, gin's call context
+            assert line.startswith(run + ": ") and line.endswith("--workdir")
+        assert os.listdir(run) == []
+    with run_files.exclusive_use(run):  # free again once its holder is done
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kssl import run_files\n"
+         "with run_files.exclusive_use(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(120)\n", run],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(config.ConfigError, match="another process"):
+            with run_files.exclusive_use(run):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_files.exclusive_use(run):
+        pass
 
 
 # -- bin/predict and bin/export --------------------------------------------------------
@@ -263,7 +299,7 @@ def test_a_damaged_backup_falls_back_to_the_one_before(crashed_run, tmp_path, mo
     assert "resuming from the backup before it (epoch 1)" in capsys.readouterr().out
     # The resumed run's files are all kssl's: --overwrite clears it.
     training.remove_run(workdir)
-    assert not os.path.exists(workdir)
+    assert os.listdir(workdir) == []
 
 
 def test_garbled_metadata_without_an_earlier_backup_says_how_to_recover(crashed_run,

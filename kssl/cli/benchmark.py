@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import sys
 import time
 from typing import Optional
@@ -230,9 +231,19 @@ def pipeline_main(command: str) -> None:
         print(f"kssl: appended to table {table!r} in {FLAGS.record}")
 
 
+def stop_children_on_sigterm() -> None:
+    """Makes SIGTERM (`kill`, a scheduler's stop) end this process through an exception,
+    so that `subprocess.run`, interrupted while it waits, kills the training process it
+    started instead of leaving it to train on alone; the killed run resumes from its last
+    backup when the same command runs again."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def paired_main(command: str) -> None:
     """`--seeds`: each seed of the config and of its supervised twin, and one paired row."""
     from kssl import config, paired, training
+
+    stop_children_on_sigterm()  # each seed trains in a process of its own
 
     seeds = paired.parse_seeds(FLAGS.seeds)
     workdir = common.parse_run_config(FLAGS.config, FLAGS.gin_param, FLAGS.workdir,
