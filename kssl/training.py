@@ -287,6 +287,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
                     mixed_precision=mixed_precision, jit_compile=jit_compile, seed=seed,
                     eval_every_epochs=eval_every_epochs, overwrite=overwrite, verbose=verbose)
     if stage is not None:  # one stage of a staged run: the run's own call holds the folder
+        check_whole_epochs(steps, steps_per_epoch)  # this stage's steps
         return _train_one(workdir, None, dist, method, stage, pseudo_masks, **settings)
     check_run(workdir, train, method.stages)  # every stage's values, before any data
     if method.stages == 1:
@@ -319,7 +320,6 @@ def _train_one(workdir, chief_workdir, dist, method, stage, pseudo_masks, *, ste
     """`train`'s run (or one stage of a staged run) in `workdir`, once the strategy exists
     and the folder is this process's; `chief_workdir` is set on a non-chief worker."""
     metrics_path = os.path.join(workdir, "metrics.json")
-    check_whole_epochs(steps, steps_per_epoch)
     if overwrite:
         remove_run(workdir)
     # Every worker follows the chief's run: whether it has finished and how far it got
