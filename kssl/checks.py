@@ -108,6 +108,13 @@ def check_string(binding, value, optional=False):
         fail(binding, value, "a string" + (" or None" if optional else ""))
 
 
+def check_whole_epochs(steps, steps_per_epoch) -> None:
+    """The steps fill whole epochs (a resume restarts at an epoch)."""
+    if steps % steps_per_epoch:
+        raise ConfigError(f"train.steps ({steps}) must be a multiple of "
+                          f"train.steps_per_epoch ({steps_per_epoch})")
+
+
 # -- one configurable at a time -------------------------------------------------------------
 def check_train(values: dict) -> None:
     """`train.*` (see `kssl.training.train`)."""
@@ -115,9 +122,7 @@ def check_train(values: dict) -> None:
 
     check_integer("train.steps", values["steps"], minimum=1)
     check_integer("train.steps_per_epoch", values["steps_per_epoch"], minimum=1)
-    if values["steps"] % values["steps_per_epoch"]:
-        raise ConfigError(f"train.steps ({values['steps']}) must be a multiple of "
-                          f"train.steps_per_epoch ({values['steps_per_epoch']})")
+    check_whole_epochs(values["steps"], values["steps_per_epoch"])
     check_choice("train.strategy", values["strategy"], STRATEGIES)
     check_choice("train.mixed_precision", values["mixed_precision"],
                  (None, "mixed_float16", "mixed_bfloat16", "float32"))

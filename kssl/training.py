@@ -29,6 +29,7 @@ from absl import logging
 from kssl import config as kssl_config
 from kssl import evaluation, pseudo_label_monitor
 from kssl import run_files
+from kssl.checks import check_whole_epochs
 from kssl.configured import (build_model, check_run, dataset_setup, evaluation_settings,
                              labelled_subset, method_pool, monitor_settings,
                              pipeline_settings, prepare_data, record_model_layout, scorer,
@@ -290,7 +291,7 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
         check_whole_epochs(steps, steps_per_epoch)  # this stage's steps
         return _train_one(workdir, None, dist, method, stage, pseudo_masks, **settings)
     check_run(workdir, train, method.stages)  # every stage's values, before any data
-    if method.stages == 1:
+    if method.stages == 1:  # the arguments themselves: a script may pass them without gin
         check_whole_epochs(steps, steps_per_epoch)
     chief_workdir = None
     if not is_chief(dist):
@@ -304,14 +305,6 @@ def train(workdir, method=Supervised, steps=1000, steps_per_epoch=100, strategy=
                 workdir, method, overwrite=overwrite, start_stage=start_stage,
                 chief_workdir=chief_workdir))
         return _train_one(workdir, chief_workdir, dist, method, None, None, **settings)
-
-
-def check_whole_epochs(steps, steps_per_epoch) -> None:
-    """ConfigError unless the steps fill whole epochs (a resume restarts at an epoch)."""
-    if steps % steps_per_epoch:
-        raise kssl_config.ConfigError(
-            f"train.steps ({steps}) must be a multiple of train.steps_per_epoch "
-            f"({steps_per_epoch})")
 
 
 def _train_one(workdir, chief_workdir, dist, method, stage, pseudo_masks, *, steps,
