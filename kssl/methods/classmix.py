@@ -23,7 +23,7 @@ from kssl.methods import pseudo_label_controls as controls
 from kssl.methods.base import SegmentationMethod, unpack_batch
 
 # Random streams of one step (see kssl.augment.seeds.step_seed).
-_MASK_STREAM, _STRONG_STREAM = 1, 2
+_MASK_STREAM, _STRONG_STREAM, _MIX_CHOICE_STREAM = 1, 2, 3
 
 
 class ClassMix(SegmentationMethod):
@@ -49,6 +49,11 @@ class ClassMix(SegmentationMethod):
         unlabelled batch's statistics).
       mix_mask: "class" (ClassMix) or "cut" (the code's CutMix ablation: image i+1
         inside one box of half the image area, image i outside).
+      mix_probability: the chance that an unlabelled image is mixed with the next one
+        (1, the paper: every image); an image left unmixed is trained on its own
+        (strongly augmented) view with its own pseudo-labels. FixMatch and UniMatch
+        mix with CutMix half of the time; below 1 ClassMix's student sees fewer
+        pasted object edges and more whole scenes.
       inference: "student" (evaluated and exported, as the paper) or "teacher".
       thresholds: "fixed" (`confidence_threshold` for every class, the paper) or
         "class_adaptive" (per class, `confidence_threshold` scaled by the teacher's
@@ -80,7 +85,7 @@ class ClassMix(SegmentationMethod):
                  weighting: str = "batch", unsup_weight: float = 1.0,
                  strong_augment=False, ema_decay: float = 0.99, ema_warmup: bool = True,
                  teacher_bn: str = "ema", mix_mask: str = "class",
-                 inference: str = "student", thresholds: str = "fixed",
+                 mix_probability: float = 1.0, inference: str = "student", thresholds: str = "fixed",
                  distribution_alignment: bool = False, class_aware_mixing: bool = False,
                  control_decay: float = 0.99, unsup_class_weights: bool = False,
                  seed: Optional[int] = None, **kwargs):
@@ -102,6 +107,9 @@ class ClassMix(SegmentationMethod):
         self.strong_augment = strong_augment or None
         self.teacher_bn = teacher_bn
         self.mix_mask = mix_mask
+        if not 0.0 <= mix_probability <= 1.0:
+            raise ValueError(f"ClassMix mix_probability must be in [0, 1], got {mix_probability}")
+        self.mix_probability = float(mix_probability)
         self.inference = inference
         self.seed = random.randrange(2**31) if seed is None else int(seed)
         # The teacher is an attribute of this model, so BackupAndRestore and save_weights
@@ -164,11 +172,22 @@ class ClassMix(SegmentationMethod):
         size = tf.shape(teacher_labels)[1:3]
         return 1.0 - mixing.box_masks(batch, size[0], size[1], seed)
 
+    def mixed_images_chosen(self, batch, seed):
+        """[b] bool: which images of this replica are mixed (all with mix_probability 1).
+        Drawn per global example index, as the masks, so replicas agree with one device."""
+        if self.mix_probability >= 1.0:
+            return tf.ones([batch], tf.bool)
+        return seeds.per_example_uniform(seed, batch) < self.mix_probability
+
     def mix_pairs(self, images, teacher_probs, step):
         """(mixed images, mixed teacher probabilities): both mixed with the same masks,
-        built from the teacher's argmax on the unmixed images (pairs i, i+1)."""
+        built from the teacher's argmax on the unmixed images (pairs i, i+1); an image
+        not chosen for mixing keeps a mask of ones, i.e. itself."""
         masks = self.masks(tf.argmax(teacher_probs, axis=-1, output_type=tf.int32),
                            seeds.step_seed(self.seed, step, _MASK_STREAM))
+        chosen = self.mixed_images_chosen(
+            tf.shape(images)[0], seeds.step_seed(self.seed, step, _MIX_CHOICE_STREAM))
+        masks = tf.where(chosen[:, None, None], masks, tf.ones_like(masks))
         return mixing.mix(masks, images), mixing.mix(masks, teacher_probs)
 
     def train_step(self, data):
@@ -191,7 +210,8 @@ class ClassMix(SegmentationMethod):
         if self.class_confidence is not None:
             self.class_confidence.updated(teacher_probs)
         # 2. Half of the classes of image i's prediction select where image i is pasted
-        #    over image i+1; images and teacher probabilities are mixed with the same masks.
+        #    over image i+1; images and teacher probabilities are mixed with the same masks
+        #    (optionally only a `mix_probability` share of the images).
         mixed_images, mixed_probs = self.mix_pairs(images, teacher_probs, step)
         # 3. The artificial label is the argmax of the mixed probabilities.
         pseudo_labels = tf.argmax(mixed_probs, axis=-1, output_type=tf.int32)
