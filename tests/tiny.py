@@ -1,9 +1,12 @@
 """Shared test helpers: tiny networks and Shapes configs, test files and images, numpy
 references, the command-line tools, and the harness every training method's tests run."""
 
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
 
 import gin
 import keras
@@ -221,12 +224,55 @@ def mean_cross_entropy(logits, labels):
 
 
 # -- the command-line tools -----------------------------------------------------------------
+def _run_tool_in_child(path, args, cwd, env, stdout_path, stderr_path):
+    """The body of a `run_tool` process: bin/<name> as `__main__`, fds 1 and 2 to files."""
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    for fd, name in ((1, stdout_path), (2, stderr_path)):
+        handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(handle, fd)
+        os.close(handle)
+    sys.argv = [path, *args]
+    runpy.run_path(path, run_name="__main__")
+
+
+_tool_processes = None
+
+
+def _tool_context():
+    """A forkserver that has imported TensorFlow, Keras and kssl once: each tool run forks
+    from it, which saves the few seconds of those imports per run (the suite runs the
+    tools a few dozen times). The fork happens before any TensorFlow op runs, so each
+    run starts with a fresh runtime, as a new process would."""
+    global _tool_processes
+    if _tool_processes is None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read as the server imports TF
+        _tool_processes = multiprocessing.get_context("forkserver")
+        _tool_processes.set_forkserver_preload(["tensorflow", "keras", "kssl.training", "tiny"])
+    return _tool_processes
+
+
 def run_tool(name, *args, cwd=None, timeout=600):
-    """Runs bin/<name> with `args` in a fresh Python process; returns the completed process
-    (stdout and stderr as text)."""
+    """Runs bin/<name> with `args` in its own process, as the shell would (exit status,
+    stdout and stderr as text, in a `subprocess.CompletedProcess`); forked from a process
+    that has TensorFlow imported already (`_tool_context`)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+    path = os.path.join(REPO, "bin", name)
+    with tempfile.TemporaryDirectory() as outputs:
+        stdout_path, stderr_path = (os.path.join(outputs, n) for n in ("stdout", "stderr"))
+        process = _tool_context().Process(
+            target=_run_tool_in_child, args=(path, args, cwd, env, stdout_path, stderr_path))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([path, *args], timeout)
+        with open(stdout_path) as out, open(stderr_path) as err:
+            return subprocess.CompletedProcess([path, *args], process.exitcode,
+                                               out.read(), err.read())
 
 
 def error_lines(result):
