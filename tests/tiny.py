@@ -265,14 +265,18 @@ def run_tool(name, *args, cwd=None, timeout=600):
         process = _tool_context().Process(
             target=_run_tool_in_child, args=(path, args, cwd, env, stdout_path, stderr_path))
         process.start()
-        process.join(timeout)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired([path, *args], timeout)
+        try:
+            process.join(timeout)
+        finally:  # as subprocess.run: no tool outlives its call, whatever stops the wait
+            timed_out = process.exitcode is None
+            if timed_out:
+                process.kill()
+                process.join()
         with open(stdout_path) as out, open(stderr_path) as err:
-            return subprocess.CompletedProcess([path, *args], process.exitcode,
-                                               out.read(), err.read())
+            stdout, stderr = out.read(), err.read()
+        if timed_out:
+            raise subprocess.TimeoutExpired([path, *args], timeout, stdout, stderr)
+        return subprocess.CompletedProcess([path, *args], process.exitcode, stdout, stderr)
 
 
 def error_lines(result):

@@ -50,8 +50,9 @@ class ClassMix(SegmentationMethod):
       mix_mask: "class" (ClassMix) or "cut" (the code's CutMix ablation: image i+1
         inside one box of half the image area, image i outside).
       mix_probability: the chance that an unlabelled image is mixed with the next one
-        (1, the paper: every image); an image left unmixed is trained on its own
-        (strongly augmented) view with its own pseudo-labels. FixMatch and UniMatch
+        (1, the paper: every image); the student's sample for an image left unmixed is
+        that image alone with its own pseudo-labels (strongly augmented when
+        `strong_augment` is set), though it may still fill the previous image's mix. FixMatch and UniMatch
         mix with CutMix half of the time; below 1 ClassMix's student sees fewer
         pasted object edges and more whole scenes.
       inference: "student" (evaluated and exported, as the paper) or "teacher".
