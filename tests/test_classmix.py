@@ -97,7 +97,8 @@ def test_images_and_teacher_probabilities_are_mixed_with_the_same_mask():
         np.testing.assert_array_equal(source[i] == i, np.isin(predicted, kept_classes))
 
 
-def test_mix_probability_leaves_the_unchosen_images_whole():
+@pytest.mark.parametrize("mix_mask", ["class", "cut"])
+def test_mix_probability_leaves_the_unchosen_images_whole(mix_mask):
     batch, height, width = 64, 6, 8
     images = np.broadcast_to(np.arange(batch, dtype=np.float32)[:, None, None, None],
                              (batch, height, width, 3))
@@ -106,21 +107,24 @@ def test_mix_probability_leaves_the_unchosen_images_whole():
     with pytest.raises(ValueError, match="mix_probability"):
         ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=1.5)
     # Nothing mixed: the images and probabilities come back as they went in.
-    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=0.0, seed=0)
+    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=0.0, mix_mask=mix_mask,
+                     seed=0)
     mixed_images, mixed_probs = model.mix_pairs(tf.constant(images), tf.constant(probs), 3)
     np.testing.assert_array_equal(mixed_images.numpy(), images)
     np.testing.assert_array_equal(mixed_probs.numpy(), probs)
     # Half: image i is mixed exactly where its uniform draw on the choice stream is
     # below 0.5 (drawn here independently); an image not drawn is untouched.
-    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=0.5, seed=0)
+    model = ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=0.5, mix_mask=mix_mask,
+                     seed=0)
     step = 3
     draws = tf.random.stateless_uniform([batch], seeds.step_seed(0, step, classmix._MIX_CHOICE_STREAM)).numpy()
     mixed_images, _ = model.mix_pairs(tf.constant(images), tf.constant(probs), step)
     source = mixed_images.numpy()[..., 0].astype(int)
     touched = (source != np.arange(batch)[:, None, None]).any(axis=(1, 2))
     assert not touched[draws >= 0.5].any()
-    # A chosen image keeps floor(n/2) of its n predicted classes (none when n = 1), so it
-    # always takes some pixels from the next image.
+    # A chosen image takes some pixels from the next image: with class masks it keeps
+    # floor(n/2) of its n predicted classes (none when n = 1), with "cut" a box of half
+    # its area comes from the next image.
     assert touched[draws < 0.5].all()
     assert 20 < (draws < 0.5).sum() < 44
 
