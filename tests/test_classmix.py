@@ -117,7 +117,8 @@ def test_mix_probability_leaves_the_unchosen_images_whole(mix_mask):
     model = ClassMix(tiny_segmenter(0), NUM_CLASSES, mix_probability=0.5, mix_mask=mix_mask,
                      seed=0)
     step = 3
-    draws = tf.random.stateless_uniform([batch], seeds.step_seed(0, step, classmix._MIX_CHOICE_STREAM)).numpy()
+    draws = tf.random.stateless_uniform(
+        [batch], seeds.step_seed(0, step, classmix._MIX_CHOICE_STREAM)).numpy()
     mixed_images, _ = model.mix_pairs(tf.constant(images), tf.constant(probs), step)
     source = mixed_images.numpy()[..., 0].astype(int)
     touched = (source != np.arange(batch)[:, None, None]).any(axis=(1, 2))

@@ -52,9 +52,9 @@ class ClassMix(SegmentationMethod):
       mix_probability: the chance that an unlabelled image is mixed with the next one
         (1, the paper: every image); the student's sample for an image left unmixed is
         that image alone with its own pseudo-labels (strongly augmented when
-        `strong_augment` is set), though it may still fill the previous image's mix. FixMatch and UniMatch
-        mix with CutMix half of the time; below 1 ClassMix's student sees fewer
-        pasted object edges and more whole scenes.
+        `strong_augment` is set), though it may still fill the previous image's mix.
+        FixMatch and UniMatch mix with CutMix half of the time; below 1 ClassMix's
+        student sees fewer pasted object edges and more whole scenes.
       inference: "student" (evaluated and exported, as the paper) or "teacher".
       thresholds: "fixed" (`confidence_threshold` for every class, the paper) or
         "class_adaptive" (per class, `confidence_threshold` scaled by the teacher's
@@ -86,7 +86,8 @@ class ClassMix(SegmentationMethod):
                  weighting: str = "batch", unsup_weight: float = 1.0,
                  strong_augment=False, ema_decay: float = 0.99, ema_warmup: bool = True,
                  teacher_bn: str = "ema", mix_mask: str = "class",
-                 mix_probability: float = 1.0, inference: str = "student", thresholds: str = "fixed",
+                 mix_probability: float = 1.0, inference: str = "student",
+                 thresholds: str = "fixed",
                  distribution_alignment: bool = False, class_aware_mixing: bool = False,
                  control_decay: float = 0.99, unsup_class_weights: bool = False,
                  seed: Optional[int] = None, **kwargs):
@@ -109,7 +110,8 @@ class ClassMix(SegmentationMethod):
         self.teacher_bn = teacher_bn
         self.mix_mask = mix_mask
         if not 0.0 <= mix_probability <= 1.0:
-            raise ValueError(f"ClassMix mix_probability must be in [0, 1], got {mix_probability}")
+            raise ValueError(
+                f"ClassMix mix_probability must be in [0, 1], got {mix_probability}")
         self.mix_probability = float(mix_probability)
         self.inference = inference
         self.seed = random.randrange(2**31) if seed is None else int(seed)
@@ -174,10 +176,9 @@ class ClassMix(SegmentationMethod):
         return 1.0 - mixing.box_masks(batch, size[0], size[1], seed)
 
     def mixed_images_chosen(self, batch, seed):
-        """[b] bool: which images of this replica are mixed (all with mix_probability 1).
-        Drawn per global example index, as the masks, so replicas agree with one device."""
-        if self.mix_probability >= 1.0:
-            return tf.ones([batch], tf.bool)
+        """[b] bool: which images of this replica are mixed (all with mix_probability 1,
+        the draws lying in [0, 1)). Drawn per global example index, as the masks, so
+        replicas agree with one device."""
         return seeds.per_example_uniform(seed, batch) < self.mix_probability
 
     def mix_pairs(self, images, teacher_probs, step):
