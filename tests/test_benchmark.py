@@ -32,6 +32,19 @@ def test_stage_summary_and_memory_share_the_parentheses():
     assert label.endswith("ms/step 100 / 300 (1.00x / 3.00x); peak memory host 2.00 GiB)")
 
 
+def test_stage_summary_adds_the_every_pixel_argmax_only_for_filtered_masks():
+    def stages(argmax):
+        return {"1": {"mean_iou": 0.39, "pseudo_masks": {"unlabelled_mean_iou": 0.5,
+                                                         "unlabelled_argmax_mean_iou": argmax}},
+                "2": {"mean_iou": 0.41, "pseudo_masks": {"unlabelled_mean_iou": 0.6,
+                                                         "unlabelled_argmax_mean_iou": 0.6}}}
+
+    assert benchmark.stage_summary(stages(0.5)) == (
+        "val mIoU by stage 39.0 / 41.0; pseudo-mask mIoU on the unlabelled pool 50.0 / 60.0")
+    assert benchmark.stage_summary(stages(0.45)).endswith(
+        "50.0 / 60.0; argmax on every unlabelled pixel 45.0 / 60.0")
+
+
 def test_peak_memory_reads_the_process_high_water_mark():
     text = benchmark.peak_memory()
     host = float(re.match(r"peak memory host ([0-9.]+) GiB", text)[1])

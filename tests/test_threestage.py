@@ -411,6 +411,15 @@ def test_a_confidence_threshold_stores_the_ignore_label_below_it(tmp_path):
         np.testing.assert_array_equal(stored, expected[k])
     assert report["unlabelled_kept_share"] == pytest.approx(np.mean(expected != 255))
     assert 0.3 < report["unlabelled_kept_share"] < 0.7
+    # The argmax scores count every pixel, the filtered ones included.
+    truth = np.stack([e["mask"].numpy() for e in reader.load(pool, True).map(
+        lambda e: transforms.resize(e, (12, 16)))]).astype(np.int64)
+    argmax, scored = probs.argmax(-1), truth != 255
+    counts = np.bincount(7 * truth[scored] + argmax[scored], minlength=49).reshape(7, 7)
+    assert report["unlabelled_argmax_mean_iou"] == pytest.approx(mean_iou_from_confusion(counts))
+    assert report["unlabelled_argmax_pixel_accuracy"] == pytest.approx(
+        np.mean(argmax[scored] == truth[scored]))
+    assert report["unlabelled_argmax_mean_iou"] != pytest.approx(report["unlabelled_mean_iou"])
 
 
 # -- ST++'s reliable-image selection -----------------------------------------------------

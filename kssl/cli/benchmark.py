@@ -89,10 +89,16 @@ def stage_summary(stages: dict) -> str:
     order = sorted(stages, key=int)
     val = " / ".join(f"{100 * stages[k]['mean_iou']:.1f}" for k in order)
     parts = [f"val mIoU by stage {val}"]
-    pseudo = [(stages[k].get("pseudo_masks") or {}).get("unlabelled_mean_iou") for k in order]
+    masks = [stages[k].get("pseudo_masks") or {} for k in order]
+    pseudo = [m.get("unlabelled_mean_iou") for m in masks]
     if any(p is not None for p in pseudo):
         parts.append("pseudo-mask mIoU on the unlabelled pool " + " / ".join(
             f"{100 * p:.1f}" for p in pseudo if p is not None))
+    # Filtered masks score their kept pixels only; the argmax on every pixel compares stages.
+    argmax = [m.get("unlabelled_argmax_mean_iou") for m in masks]
+    if any(a is not None and abs(a - p) > 1e-9 for a, p in zip(argmax, pseudo)):
+        parts.append("argmax on every unlabelled pixel " + " / ".join(
+            f"{100 * a:.1f}" for a in argmax if a is not None))
     times = [step_ms(stages[k]) for k in order]
     if times[0]:
         parts.append("ms/step " + " / ".join("-" if t is None else f"{t:.0f}" for t in times)

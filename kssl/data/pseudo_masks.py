@@ -129,30 +129,30 @@ def _same_size_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
 
 
 def _label_function(network: keras.Model, confidence_threshold: Optional[float] = None):
-    """images -> the argmax of `network`, with the ignore label where the softmax
-    confidence is below `confidence_threshold` (if given)."""
+    """images -> (the argmax of `network`, whether the softmax confidence reaches
+    `confidence_threshold`: every pixel when it is None)."""
     def labels_of(images):
         probs = tf.nn.softmax(tf.cast(network(images, training=False), tf.float32))
         labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
         if confidence_threshold is None:
-            return labels
-        return tf.where(tf.reduce_max(probs, -1) >= confidence_threshold, labels,
-                        IGNORE_LABEL)
+            return labels, tf.ones_like(labels, tf.bool)
+        return labels, tf.reduce_max(probs, -1) >= confidence_threshold
 
     return tf.function(labels_of, reduce_retracing=True)
 
 
 def _predicted_batches(predict, reader: Reader, examples: Examples, resize, batch_size,
                        with_masks: bool = False):
-    """(ids, labels uint8 [B, H, W], ground truth [B, H, W] or None) per batch of
-    `examples`, loaded at the training pipeline's resolution."""
+    """(ids, (argmax uint8 [B, H, W], confident bool [B, H, W]), ground truth [B, H, W] or
+    None) per batch of `examples`, loaded at the training pipeline's resolution."""
     ds = reader.load(examples, with_masks=with_masks)
     if resize is not None:
         ds = ds.map(lambda e: transforms.resize(e, resize), num_parallel_calls=tf.data.AUTOTUNE)
     for batch in _same_size_batches(ds, batch_size).prefetch(tf.data.AUTOTUNE):
-        labels = predict(tf.cast(batch["image"], tf.float32)).numpy().astype(np.uint8)
+        argmax, confident = predict(tf.cast(batch["image"], tf.float32))
         ids = [example_id.decode() for example_id in batch["id"].numpy()]
-        yield ids, labels, batch["mask"].numpy() if with_masks else None
+        yield (ids, (argmax.numpy().astype(np.uint8), confident.numpy()),
+               batch["mask"].numpy() if with_masks else None)
 
 
 def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
@@ -184,6 +184,10 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
     With `dropped_ids`, also "<name>_dropped_images" per pool and, for a scored pool with
     dropped images, "<name>_dropped_mean_iou" and "<name>_dropped_pixel_accuracy": the
     masks they would have had (its "<name>_mean_iou" then covers the kept images).
+    A scored pool also gets "<name>_argmax_mean_iou" and "<name>_argmax_pixel_accuracy":
+    the network's argmax at every pixel of every image, before the confidence filter and
+    the dropped images, so that the masks of two stages compare on the same pixels
+    whatever each of them kept.
     """
     if num_classes > 255:
         raise ValueError(f"pseudo-masks are stored as 8-bit class ids (255 = ignore); "
@@ -204,9 +208,11 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
         scored = examples.has_masks
         confusion = np.zeros((num_classes, num_classes), np.int64)
         dropped_confusion = np.zeros_like(confusion)
+        argmax_confusion = np.zeros_like(confusion)
         kept = pixels = dropped = 0
-        for batch_ids, labels, truth in _predicted_batches(predict, reader, examples, resize,
-                                                           batch_size, with_masks=scored):
+        for batch_ids, (argmax, confident), truth in _predicted_batches(
+                predict, reader, examples, resize, batch_size, with_masks=scored):
+            labels = np.where(confident, argmax, np.uint8(IGNORE_LABEL))
             drop = np.array([dropped_ids is not None and i in dropped_ids for i in batch_ids])
             stored = np.where(drop[:, None, None], np.uint8(IGNORE_LABEL), labels)
             dropped += int(drop.sum())
@@ -222,6 +228,7 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                 confusion += evaluation.confusion_from_labels(truth, stored, num_classes)
                 dropped_confusion += evaluation.confusion_from_labels(
                     truth[drop], labels[drop], num_classes)
+                argmax_confusion += evaluation.confusion_from_labels(truth, argmax, num_classes)
             if bar is not None:
                 bar.add(len(labels))
         if scored:
@@ -230,6 +237,10 @@ def write_pseudo_masks(directory: str, network: keras.Model, reader: Reader,
                 confusion)
             report[f"{name}_confusion_matrix"] = confusion.tolist()
             report[f"{name}_kept_share"] = kept / max(pixels, 1)
+            report[f"{name}_argmax_mean_iou"] = evaluation.mean_iou_from_confusion(
+                argmax_confusion)
+            report[f"{name}_argmax_pixel_accuracy"] = (
+                evaluation.pixel_accuracy_from_confusion(argmax_confusion))
         if dropped_ids is not None:
             report[f"{name}_dropped_images"] = dropped
             if scored and dropped:
@@ -256,8 +267,8 @@ def stability_against(snapshots: Sequence[PseudoMaskStore], network: keras.Model
     `pseudo_label_controls.stability_scores`; no snapshot scores every image 0)."""
     predict = _label_function(network)
     ids, scores = [], []
-    for batch_ids, labels, _ in _predicted_batches(predict, reader, examples, resize,
-                                                   batch_size):
+    for batch_ids, (labels, _), _ in _predicted_batches(predict, reader, examples, resize,
+                                                        batch_size):
         earlier = [np.stack([store.load(i) for i in batch_ids]) for store in snapshots]
         scores.extend(pseudo_label_controls.stability_scores(labels, earlier, num_classes))
         ids.extend(batch_ids)
