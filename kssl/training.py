@@ -681,19 +681,21 @@ def train_stages(workdir, method, overwrite=False, start_stage=None,
 
 def format_stage_table(summary: dict, eval_split) -> str:
     """The closing table of a staged run: per stage (`summary` as in its metrics.json),
-    the network's mean IoU on `eval_split`, and that of the pseudo-masks it stored
-    against the ground truth of the labelled and the unlabelled pool ('-': none stored,
-    or no ground truth)."""
+    the network's mean IoU on `eval_split`, that of the pseudo-masks it stored against
+    the ground truth of the labelled and the unlabelled pool (their kept pixels), and
+    that of its argmax on every unlabelled pixel, which compares stages whatever each
+    kept ('-': none stored, or no ground truth)."""
     def percent(value):
         return "-" if value is None else f"{100 * value:.1f}"
 
-    columns = (f"{eval_split} mIoU %", "pseudo-masks mIoU %: labelled", "unlabelled")
+    columns = (f"{eval_split} mIoU %", "pseudo-masks mIoU %: labelled", "unlabelled",
+               "unlabelled argmax")
     lines = [f"{'stage':<6}" + "".join(f"{c:>{len(c) + 3}}" for c in columns)]
     lines.append("-" * len(lines[0]))
     for stage in sorted(summary, key=int):
         masks = summary[stage].get("pseudo_masks") or {}
         values = (summary[stage].get("mean_iou"), masks.get("labelled_mean_iou"),
-                  masks.get("unlabelled_mean_iou"))
+                  masks.get("unlabelled_mean_iou"), masks.get("unlabelled_argmax_mean_iou"))
         lines.append(f"{stage:<6}" + "".join(f"{percent(v):>{len(c) + 3}}"
                                              for c, v in zip(columns, values)))
     return "\n".join(lines)

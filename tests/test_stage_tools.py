@@ -97,10 +97,11 @@ def test_the_closing_table_shows_each_stage(staged_run):
         stage_metrics = metrics(os.path.join(workdir, f"stage_{stage}"))
         masks = stage_metrics.get("pseudo_masks")
         expected = [str(stage), percent(stage_metrics["mean_iou"])] + (
-            ["-", "-"] if masks is None else
-            [percent(masks["labelled_mean_iou"]), percent(masks["unlabelled_mean_iou"])])
+            ["-", "-", "-"] if masks is None else
+            [percent(masks["labelled_mean_iou"]), percent(masks["unlabelled_mean_iou"]),
+             percent(masks["unlabelled_argmax_mean_iou"])])
         assert row == expected
-    assert rows[2][2:] == ["-", "-"]  # the last stage stores no pseudo-masks
+    assert rows[2][2:] == ["-", "-", "-"]  # the last stage stores no pseudo-masks
 
 
 @pytest.mark.parametrize("directory", DIRECTORIES)

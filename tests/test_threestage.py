@@ -503,6 +503,9 @@ def test_reliable_share_blanks_stage_1_masks_of_the_unstable_images(tmp_path, ca
             masks_mean_iou({i: predicted[i] for i in kept}, truth))
         assert report["unlabelled_dropped_mean_iou"] == pytest.approx(
             masks_mean_iou({i: predicted[i] for i in dropped}, truth))
+        # The every-pixel argmax counts the dropped images too.
+        assert report["unlabelled_argmax_mean_iou"] == pytest.approx(
+            masks_mean_iou({i: predicted[i] for i in unlabelled}, truth))
 
     kept, dropped = expected_selection(snapshots)
     check_stage_1(kept, dropped, [1, 2])

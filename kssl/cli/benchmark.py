@@ -80,7 +80,8 @@ def machine_description() -> str:
 
 def stage_summary(stages: dict) -> str:
     """For a staged method: val mIoU after each stage, the pseudo-masks' mIoU on the
-    unlabelled pool, and each later stage's step time relative to stage 1's."""
+    unlabelled pool (and, for filtered masks, the writing network's argmax on every
+    unlabelled pixel), and each later stage's step time relative to stage 1's."""
 
     def step_ms(stage):
         seconds, steps = stage.get("train_seconds"), stage.get("timed_steps")
