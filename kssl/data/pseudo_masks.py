@@ -134,9 +134,7 @@ def _label_function(network: keras.Model, confidence_threshold: Optional[float] 
     def labels_of(images):
         probs = tf.nn.softmax(tf.cast(network(images, training=False), tf.float32))
         labels = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        if confidence_threshold is None:
-            return labels, tf.ones_like(labels, tf.bool)
-        return labels, tf.reduce_max(probs, -1) >= confidence_threshold
+        return labels, tf.reduce_max(probs, -1) >= (confidence_threshold or 0.0)
 
     return tf.function(labels_of, reduce_retracing=True)
 
