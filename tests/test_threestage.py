@@ -191,6 +191,42 @@ def test_stage2_losses_match_a_hand_computation():
     assert float(logs["loss"]) == pytest.approx(seg + 0.25 * con + 0.5 * pl, rel=1e-4)
 
 
+def test_aligned_consistency_targets_match_a_numpy_computation():
+    # Distribution alignment of the teacher's consistency targets: the running class
+    # distribution folds in the second sub-batch's mean probabilities (decay 0.5), then
+    # both sub-batches' targets are the argmax of probs * prior / running, renormalised.
+    prior = np.array([0.1, 0.2, 0.7], np.float32)  # far from a fresh network's output
+    model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, strong_augment=False,
+                       distribution_alignment=True, control_decay=0.5, class_prior=prior,
+                       seed=0)
+    model.compile(optimizer=optimizers.SGD(0.0))
+    labelled, unlabelled = stage_batch(np.random.default_rng(3))
+    x = np.concatenate([labelled["image"].numpy(), unlabelled["image"].numpy()])
+    logits = model.teacher(x, training=False).numpy().astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    running = 0.5 * prior + 0.5 * probs[2:].mean(axis=(0, 1, 2))
+    aligned = probs * prior / running
+    targets = aligned.argmax(-1)
+    assert (targets != probs.argmax(-1)).any()  # the alignment changes some targets
+    main, _ = [t.numpy() for t in model.student_outputs(x, training=True)]
+
+    logs = model.train_step((labelled, unlabelled))
+    np.testing.assert_allclose(model.alignment.running.numpy(), running, rtol=1e-5)
+    assert float(logs["consistency_loss"]) == pytest.approx(numpy_ce(main, targets),
+                                                            rel=1e-4)
+    # The monitor sees the targets aligned with the stored running distribution.
+    monitored, admitted = model.pseudo_label_targets(x)["teacher"]
+    np.testing.assert_array_equal(monitored.numpy(), targets)
+    assert admitted is None
+    # Off by default (the paper and the released code); stage 1 has no teacher to align.
+    assert ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, seed=0).alignment is None
+    assert ThreeStage(small_segmenter(), NUM_CLASSES, stage=1, distribution_alignment=True,
+                      seed=0).alignment is None
+    with pytest.raises(ValueError, match="ThreeStage distribution_alignment needs"):
+        ThreeStage(small_segmenter(), NUM_CLASSES, stage=3, distribution_alignment=True)
+
+
 def test_each_teacher_follows_its_student_by_the_schedule():
     model = ThreeStage(small_segmenter(), NUM_CLASSES, stage=3, strong_augment=False,
                        ema_boundaries=(1,), ema_decays=(0.5, 0.9), seed=0)
@@ -313,12 +349,16 @@ def test_two_stage2_steps_same_weights_on_one_and_two_replicas(two_replicas, tmp
     def make_method():
         return ThreeStage(small_segmenter(seed=4, norm="sync_batch"), NUM_CLASSES, stage=2,
                           seed=0, backbone_lr_multiplier=0.5,
-                          strong_augment=randaugment.RandAugmentCutout(cutout_size=6))
+                          strong_augment=randaugment.RandAugmentCutout(cutout_size=6),
+                          distribution_alignment=True, control_decay=0.5,
+                          class_prior=[0.5, 0.3, 0.2])
 
-    # run_method_test compares the student, the auxiliary head and the teacher, and
-    # checks that each replica holds the same teacher.
-    run_method_test(make_method, steps, two_replicas, tmp_path,
-                    optimizer=lambda: optimizers.SGD(0.1, momentum=0.9))
+    # run_method_test compares the student, the auxiliary head, the teacher and the
+    # alignment's running distribution, checks that each replica holds the same copy of
+    # each, and that they are saved and restored.
+    single, _, _, _ = run_method_test(make_method, steps, two_replicas, tmp_path,
+                                      optimizer=lambda: optimizers.SGD(0.1, momentum=0.9))
+    assert not np.allclose(single.alignment.running.numpy(), [0.5, 0.3, 0.2])
 
 
 # -- the stage driver ---------------------------------------------------------------------
@@ -335,7 +375,9 @@ ThreeStage.seed = 0
 
 def test_three_stages_run_in_turn_and_resume_after_a_crash(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    config.parse([], [STAGED])
+    # Distribution alignment needs the labelled class prior, which the driver passes.
+    staged = STAGED + "ThreeStage.distribution_alignment = True\n"
+    config.parse([], [staged])
     calls = []
     original = training.write_pseudo_masks
     fit = ThreeStage.fit
@@ -373,7 +415,7 @@ def test_three_stages_run_in_turn_and_resume_after_a_crash(tmp_path, monkeypatch
         assert os.path.exists(os.path.join(workdir, name))
 
     # --start_stage 3 --overwrite retrains stage 3 alone from the stored stage-2 masks.
-    config.parse([], [STAGED])
+    config.parse([], [staged])
     stage_3_weights = os.path.join(workdir, "stage_3", "model.weights.h5")
     os.utime(stage_3_weights, (0, 0))
     result = training.train(workdir, start_stage=3, overwrite=True)

@@ -20,6 +20,8 @@ RandAugment + Cutout). Teacher labels and stored pseudo-masks of the augmented i
 moved by A's geometric part (B) through coordinate maps.
   L = w_seg CE(student(x_l), y_l)
     + w_con CE(student([x_l; A(x_u)]), [argmax T(x_l); B(argmax T(x_u))])
+    (with `distribution_alignment`, argmax of T's probabilities aligned to the labelled
+    class prior, a control that neither the paper nor the released code has)
     + w_pl  CE(aux([x_l; A(x_u)]), [PL(x_l); B(PL(x_u))])
 Where the paper and the released code differ, the code is the default and the paper's
 choice an option (each noted at its argument).
@@ -36,6 +38,7 @@ from kssl import losses
 from kssl.augment import randaugment, seeds
 from kssl.constants import PSEUDO_MASK_KEY as PSEUDO_MASK
 from kssl.methods import ema
+from kssl.methods import pseudo_label_controls as controls
 from kssl.methods.base import SegmentationMethod, unpack_batch
 from kssl.models import branches
 from kssl import optimizers
@@ -86,6 +89,14 @@ class ThreeStage(SegmentationMethod):
         model). Combines with `pseudo_mask_threshold`, which filters the kept masks.
       reliable_checkpoints: K, the checkpoints ST++ compares, the final one included (3,
         as ST++'s released code).
+      distribution_alignment: a control against confirmation bias in stages 2-3, off by
+        default (the paper and the released code take the teacher's plain argmax): the
+        teacher's consistency targets, on both sub-batches, are the argmax of its
+        probabilities multiplied by the labelled class prior over a running average of
+        its class distribution on the second sub-batch, renormalised (ReMixMatch; DARS
+        for segmentation; needs `class_prior`, which the driver passes). Each stage
+        starts the running average at the prior. The stored pseudo-masks are not aligned.
+      control_decay: decay of that running class distribution per step (0.99).
       backbone_lr_multiplier: learning-rate factor of the backbone blocks shared with the
         pretrained network (0.1, the released code); new layers (heads, the branch) train
         at the full rate. Use 1.0 for a backbone trained from scratch.
@@ -105,6 +116,7 @@ class ThreeStage(SegmentationMethod):
                  backbone_lr_multiplier: float = 0.1,
                  pseudo_mask_threshold: Optional[float] = None,
                  reliable_share: Optional[float] = None, reliable_checkpoints: int = 3,
+                 distribution_alignment: bool = False, control_decay: float = 0.99,
                  seed: Optional[int] = None, **kwargs):
         if stage not in (1, 2, 3):
             raise ValueError(f"ThreeStage stage must be 1, 2 or 3, got {stage!r}")
@@ -140,7 +152,7 @@ class ThreeStage(SegmentationMethod):
         self.inference = inference
         self.backbone_lr_multiplier = backbone_lr_multiplier
         self.seed = random.randrange(2**31) if seed is None else int(seed)
-        self.auxiliary = self.teacher = self.ema = None
+        self.auxiliary = self.teacher = self.ema = self.alignment = None
         if stage > 1:
             self.auxiliary = branches.auxiliary_branch(
                 segmenter, BRANCH_OF_STAGE[stage],
@@ -152,6 +164,10 @@ class ThreeStage(SegmentationMethod):
             self.ema = ema.EMATeacher(
                 segmenter, self.teacher, include_statistics=True,
                 schedule=lambda step: ema.stepwise_decay(step, ema_boundaries, ema_decays))
+            # State in a Keras weight: saved with the checkpoints, identical on replicas.
+            _, self.alignment = controls.control_layers(
+                "ThreeStage", num_classes, self.class_prior, False, distribution_alignment,
+                control_decay)
 
     @staticmethod
     def uses_unlabelled_in(stage: int) -> bool:
@@ -192,13 +208,27 @@ class ThreeStage(SegmentationMethod):
         return self.segmenter
 
     def pseudo_label_targets(self, images, labelled_images=None) -> dict:
-        """Stages 2-3: the teacher's consistency targets (argmax on the weak view, every
-        pixel admitted). The stored pseudo-masks are scored when they are written (the
-        run's `pseudo_masks` report). Stage 1 trains on labels alone: {}."""
+        """Stages 2-3: the teacher's consistency targets (argmax on the weak view, aligned
+        with the stored running distribution under `distribution_alignment`, every pixel
+        admitted). The stored pseudo-masks are scored when they are written (the run's
+        `pseudo_masks` report). Stage 1 trains on labels alone: {}."""
         if self.stage == 1:
             return {}
         logits = self.teacher(images, training=False)
+        if self.alignment is not None:  # nothing is updated: the monitor's view
+            logits = self.alignment.rescale(tf.nn.softmax(tf.cast(logits, tf.float32)))
         return {"teacher": (tf.argmax(logits, -1, output_type=tf.int32), None)}
+
+    def consistency_labels(self, teacher_logits, num_labelled):
+        """The teacher's hard labels for the consistency term: the argmax of its logits,
+        or under `distribution_alignment` of its probabilities aligned by the running
+        class distribution after folding in the second sub-batch (from `num_labelled`)."""
+        if self.alignment is None:
+            return tf.argmax(teacher_logits, axis=-1, output_type=tf.int32)
+        probs = tf.nn.softmax(tf.cast(teacher_logits, tf.float32))
+        running = self.alignment.updated(probs[num_labelled:])
+        return tf.argmax(self.alignment.rescale(probs, running), axis=-1,
+                         output_type=tf.int32)
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -232,8 +262,7 @@ class ThreeStage(SegmentationMethod):
 
         # 1. The teacher labels both sub-batches on their weak views (hard argmax).
         teacher_logits = self.teacher(tf.concat([images_l, images_u], 0), training=False)
-        teacher_labels = tf.stop_gradient(
-            tf.argmax(teacher_logits, axis=-1, output_type=tf.int32))
+        teacher_labels = tf.stop_gradient(self.consistency_labels(teacher_logits, num_l))
         # 2. Strong view A of the second sub-batch only; its geometric part B moves the
         #    teacher labels and the stored pseudo-masks with the pixels.
         pseudo_l, pseudo_u = labelled[PSEUDO_MASK], unlabelled[PSEUDO_MASK]
