@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The test processes (pytest-xdist) share a GPU when there is one: each takes only what
+# it uses instead of nearly all of its memory.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 import tensorflow as tf  # noqa: E402
 

@@ -201,23 +201,37 @@ def test_aligned_consistency_targets_match_a_numpy_computation():
                        seed=0)
     model.compile(optimizer=optimizers.SGD(0.0))
     labelled, unlabelled = stage_batch(np.random.default_rng(3))
+    # Darker unlabelled images: their class distribution differs from the labelled ones',
+    # so folding in the wrong sub-batch would show.
+    unlabelled["image"] = unlabelled["image"] * 0.2
     x = np.concatenate([labelled["image"].numpy(), unlabelled["image"].numpy()])
-    logits = model.teacher(x, training=False).numpy().astype(np.float64)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+
+    def softmax(network):
+        logits = network(x, training=False).numpy().astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        return probs / probs.sum(-1, keepdims=True)
+
+    probs = softmax(model.teacher)
     running = 0.5 * prior + 0.5 * probs[2:].mean(axis=(0, 1, 2))
-    aligned = probs * prior / running
-    targets = aligned.argmax(-1)
-    assert (targets != probs.argmax(-1)).any()  # the alignment changes some targets
+    assert not np.allclose(running, 0.5 * prior + 0.5 * probs.mean(axis=(0, 1, 2)),
+                           rtol=1e-3)
+    targets = (probs * prior / running).argmax(-1)
+    plain = probs.argmax(-1)
+    # The alignment changes targets on both sub-batches.
+    assert (targets[:2] != plain[:2]).any() and (targets[2:] != plain[2:]).any()
     main, _ = [t.numpy() for t in model.student_outputs(x, training=True)]
+    assert numpy_ce(main, targets) != pytest.approx(numpy_ce(main, plain), rel=1e-3)
 
     logs = model.train_step((labelled, unlabelled))
     np.testing.assert_allclose(model.alignment.running.numpy(), running, rtol=1e-5)
     assert float(logs["consistency_loss"]) == pytest.approx(numpy_ce(main, targets),
                                                             rel=1e-4)
-    # The monitor sees the targets aligned with the stored running distribution.
+    # The monitor sees the (moved) teacher's targets aligned with the stored running
+    # distribution; nothing is updated.
     monitored, admitted = model.pseudo_label_targets(x)["teacher"]
-    np.testing.assert_array_equal(monitored.numpy(), targets)
+    np.testing.assert_array_equal(monitored.numpy(),
+                                  (softmax(model.teacher) * prior / running).argmax(-1))
+    np.testing.assert_allclose(model.alignment.running.numpy(), running, rtol=1e-5)
     assert admitted is None
     # Off by default (the paper and the released code); stage 1 has no teacher to align.
     assert ThreeStage(small_segmenter(), NUM_CLASSES, stage=2, seed=0).alignment is None
@@ -225,6 +239,8 @@ def test_aligned_consistency_targets_match_a_numpy_computation():
                       seed=0).alignment is None
     with pytest.raises(ValueError, match="ThreeStage distribution_alignment needs"):
         ThreeStage(small_segmenter(), NUM_CLASSES, stage=3, distribution_alignment=True)
+    with pytest.raises(ValueError, match="ThreeStage control_decay must be in"):
+        ThreeStage(small_segmenter(), NUM_CLASSES, stage=1, control_decay=1.0)
 
 
 def test_each_teacher_follows_its_student_by_the_schedule():

@@ -147,6 +147,9 @@ class ThreeStage(SegmentationMethod):
             raise ValueError(f"ThreeStage reliable_checkpoints must be an integer >= 2 (the "
                              f"final checkpoint and an earlier one), got "
                              f"{reliable_checkpoints!r}")
+        if not 0.0 <= control_decay < 1.0:  # checked before stage 1 trains, not in stage 2
+            raise ValueError(f"ThreeStage control_decay must be in [0, 1), "
+                             f"got {control_decay!r}")
         self.reliable_share = reliable_share
         self.reliable_checkpoints = reliable_checkpoints
         self.inference = inference
