@@ -217,19 +217,19 @@ class ThreeStage(SegmentationMethod):
         `pseudo_masks` report). Stage 1 trains on labels alone: {}."""
         if self.stage == 1:
             return {}
-        logits = self.teacher(images, training=False)
-        if self.alignment is not None:  # nothing is updated: the monitor's view
-            logits = self.alignment.rescale(tf.nn.softmax(tf.cast(logits, tf.float32)))
-        return {"teacher": (tf.argmax(logits, -1, output_type=tf.int32), None)}
+        # The stored running distribution, nothing updated: the monitor's view.
+        labels = self.consistency_labels(self.teacher(images, training=False), update=False)
+        return {"teacher": (labels, None)}
 
-    def consistency_labels(self, teacher_logits, num_labelled):
+    def consistency_labels(self, teacher_logits, num_labelled=0, update=True):
         """The teacher's hard labels for the consistency term: the argmax of its logits,
         or under `distribution_alignment` of its probabilities aligned by the running
-        class distribution after folding in the second sub-batch (from `num_labelled`)."""
+        class distribution (first folding in the second sub-batch, from `num_labelled`,
+        when `update`)."""
         if self.alignment is None:
             return tf.argmax(teacher_logits, axis=-1, output_type=tf.int32)
         probs = tf.nn.softmax(tf.cast(teacher_logits, tf.float32))
-        running = self.alignment.updated(probs[num_labelled:])
+        running = self.alignment.updated(probs[num_labelled:]) if update else None
         return tf.argmax(self.alignment.rescale(probs, running), axis=-1,
                          output_type=tf.int32)
 
